@@ -1,0 +1,60 @@
+# ugro — set-up, the demo and the tests. Every target that runs something starts with `setup`,
+# so `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is a CPU build on local disk on these machines; an unpinned torch would
+# download a multi-gigabyte CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+SETUP_STAMP := $(VENV)/.installed
+
+# Debian packages the tests and the demo use, and the command each one provides.
+APT_PACKAGES := prometheus:promtool
+
+DEMO_METRICS_PORT ?= 9500
+DEMO_STEPS ?= 300
+
+.PHONY: setup system-packages demo test lint bench clean
+
+setup: system-packages $(SETUP_STAMP)
+
+system-packages:
+	@missing=""; \
+	for entry in $(APT_PACKAGES); do \
+	  command -v "$${entry#*:}" >/dev/null || missing="$$missing $${entry%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(SETUP_STAMP): pyproject.toml
+	@echo "==> creating $(VENV) with ugro installed in editable mode"
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' -e '.[train,test,dev]'
+	@touch $@
+
+demo: setup
+	@echo "==> training the reference model on 2 ranks (torchrun, CPU)"
+	@echo "    rank 0 serves http://127.0.0.1:$(DEMO_METRICS_PORT)/metrics, rank 1 http://127.0.0.1:$$(( $(DEMO_METRICS_PORT) + 1 ))/metrics"
+	UGRO_JOB_ID=demo UGRO_METRICS_PORT=$(DEMO_METRICS_PORT) \
+	  $(BIN)/torchrun --standalone --nproc-per-node 2 -m ugro.trainer.train --steps $(DEMO_STEPS)
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/trainer_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,164 @@
+"""Where a rank's telemetry identity and endpoint come from: arguments, else the environment.
+
+torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; ``ugro-launch`` (or the user) sets
+``UGRO_JOB_ID``, ``UGRO_METRICS_PORT`` (the base port: a rank serves on base + ``LOCAL_RANK``),
+``UGRO_METRICS_ADDR`` and ``UGRO_NODE``. Every bad value is rejected here, before the first
+training step, with an error that names the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_METRICS_BASE_PORT = 9500
+DEFAULT_BIND_ADDRESS = "0.0.0.0"
+DEFAULT_JOB_ID = "local"
+
+# Port-taken policy: "continue" trains on without telemetry, "fail" stops before the first step.
+PortTakenPolicy = Literal["continue", "fail"]
+PORT_TAKEN_POLICIES: tuple[str, ...] = ("continue", "fail")
+
+# Job ids become Prometheus label values and file names; keep them to a safe alphabet.
+_JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Present in every process that torchrun (torch.distributed.elastic) starts.
+_TORCHRUN_MARKERS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+class TelemetryConfigError(ValueError):
+    """A telemetry setting (argument or environment variable) has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Who this rank is and where it serves ``/metrics``."""
+
+    job_id: str
+    rank: int
+    local_rank: int
+    world_size: int
+    node: str
+    metrics_base_port: int
+    bind_address: str
+    on_port_taken: PortTakenPolicy = "continue"
+    total_steps: int | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        """The port this rank listens on: base port + local rank (base 0: any free port)."""
+        if self.metrics_base_port == 0:
+            return 0
+        return self.metrics_base_port + self.local_rank
+
+    @classmethod
+    def resolve(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        job_id: str | None = None,
+        rank: int | None = None,
+        local_rank: int | None = None,
+        world_size: int | None = None,
+        node: str | None = None,
+        metrics_port: int | None = None,
+        bind_address: str | None = None,
+        on_port_taken: str | None = None,
+        total_steps: int | None = None,
+    ) -> TelemetryConfig:
+        """Build the config: each explicit argument wins over its environment variable."""
+        env = os.environ if env is None else env
+        under_torchrun = any(marker in env for marker in _TORCHRUN_MARKERS)
+
+        def integer(value: int | None, variable: str, default: int | None, minimum: int) -> int:
+            if value is not None:
+                source, raw = f"argument for {variable}", value
+            elif variable in env:
+                source, raw = variable, env[variable]
+            elif default is None:
+                raise TelemetryConfigError(
+                    f"{variable} is not set, but this process runs under torchrun "
+                    f"({'/'.join(_TORCHRUN_MARKERS)} present): expected torchrun to set it"
+                )
+            else:
+                return default
+            try:
+                number = int(str(raw).strip())
+            except ValueError:
+                raise TelemetryConfigError(
+                    f"{source}={raw!r}: expected an integer >= {minimum}"
+                ) from None
+            if number < minimum:
+                raise TelemetryConfigError(f"{source}={raw!r}: expected an integer >= {minimum}")
+            return number
+
+        torchrun_default = None if under_torchrun else 0
+        resolved_rank = integer(rank, "RANK", torchrun_default, 0)
+        resolved_local_rank = integer(local_rank, "LOCAL_RANK", torchrun_default, 0)
+        resolved_world_size = integer(world_size, "WORLD_SIZE", None if under_torchrun else 1, 1)
+        if resolved_rank >= resolved_world_size:
+            raise TelemetryConfigError(
+                f"RANK={resolved_rank} with WORLD_SIZE={resolved_world_size}: "
+                "expected a rank below the world size"
+            )
+
+        base_port = integer(metrics_port, "UGRO_METRICS_PORT", DEFAULT_METRICS_BASE_PORT, 0)
+        if base_port > 65535 or (base_port and base_port + resolved_local_rank > 65535):
+            raise TelemetryConfigError(
+                f"UGRO_METRICS_PORT={base_port}: with LOCAL_RANK={resolved_local_rank} the rank "
+                f"would listen on {base_port + resolved_local_rank}; expected a port in 1..65535 "
+                "(or 0 for any free port)"
+            )
+
+        resolved_job_id = job_id if job_id is not None else env.get("UGRO_JOB_ID", DEFAULT_JOB_ID)
+        if not _JOB_ID_PATTERN.match(resolved_job_id):
+            raise TelemetryConfigError(
+                f"UGRO_JOB_ID={resolved_job_id!r}: expected 1-128 characters of letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit"
+            )
+
+        resolved_node = node if node is not None else env.get("UGRO_NODE") or socket.gethostname()
+        if not resolved_node or any(ch.isspace() for ch in resolved_node):
+            raise TelemetryConfigError(
+                f"UGRO_NODE={resolved_node!r}: expected a non-empty node name without spaces"
+            )
+
+        address = (
+            bind_address
+            if bind_address is not None
+            else env.get("UGRO_METRICS_ADDR", DEFAULT_BIND_ADDRESS)
+        )
+        if not address or any(ch.isspace() for ch in address):
+            raise TelemetryConfigError(
+                f"UGRO_METRICS_ADDR={address!r}: expected an IP address or host name to bind to"
+            )
+
+        policy = (
+            on_port_taken
+            if on_port_taken is not None
+            else env.get("UGRO_METRICS_ON_PORT_TAKEN", "continue")
+        )
+        if policy not in PORT_TAKEN_POLICIES:
+            raise TelemetryConfigError(
+                f"UGRO_METRICS_ON_PORT_TAKEN={policy!r}: expected one of "
+                + ", ".join(PORT_TAKEN_POLICIES)
+            )
+
+        if total_steps is not None and total_steps < 1:
+            raise TelemetryConfigError(f"total_steps={total_steps!r}: expected a positive integer")
+
+        return cls(
+            job_id=resolved_job_id,
+            rank=resolved_rank,
+            local_rank=resolved_local_rank,
+            world_size=resolved_world_size,
+            node=resolved_node,
+            metrics_base_port=base_port,
+            bind_address=address,
+            on_port_taken=policy,  # type: ignore[arg-type]
+            total_steps=total_steps,
+        )

@@ -1,0 +1,65 @@
+"""Faults the reference trainer can inject on one rank, for demos and alert tests.
+
+Steps are numbered from 1 (the first optimizer step), like ``ugro_train_steps_total``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    rank: int = 0
+    nonfinite_loss_from: int | None = None
+    slow_factor: float = 1.0
+    slow_from: int = 1
+    hang_at: int | None = None
+    crash_at: int | None = None
+    crash_exit_code: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("nonfinite_loss_from", "hang_at", "crash_at"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: expected a step >= 1")
+        if self.slow_factor < 1.0:
+            raise ValueError(f"--slow-factor {self.slow_factor}: expected a factor >= 1")
+        if self.slow_from < 1:
+            raise ValueError(f"--slow-from {self.slow_from}: expected a step >= 1")
+        if not 1 <= self.crash_exit_code <= 255:
+            raise ValueError(f"--crash-exit-code {self.crash_exit_code}: expected 1..255")
+        if self.rank < 0:
+            raise ValueError(f"--fault-rank {self.rank}: expected a rank >= 0")
+
+    def before_step(self, step: int, rank: int) -> None:
+        """Crash or hang here when this step and rank are the chosen ones."""
+        if rank != self.rank:
+            return
+        if self.crash_at is not None and step >= self.crash_at:
+            print(
+                f"rank {rank}: injected crash at step {step} (exit code {self.crash_exit_code})",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(self.crash_exit_code)  # abrupt, like a segfault or an OOM kill: no clean-up
+        if self.hang_at is not None and step >= self.hang_at:
+            print(f"rank {rank}: injected hang at step {step}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+
+    def poisons_loss(self, step: int, rank: int) -> bool:
+        return (
+            rank == self.rank
+            and self.nonfinite_loss_from is not None
+            and step >= self.nonfinite_loss_from
+        )
+
+    def delay_seconds(self, step: int, rank: int, compute_seconds: float) -> float:
+        """Extra time that makes this rank's compute take ``slow_factor`` times as long."""
+        if rank != self.rank or step < self.slow_from:
+            return 0.0
+        return (self.slow_factor - 1.0) * compute_seconds

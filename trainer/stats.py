@@ -1,0 +1,113 @@
+"""The running totals one rank accumulates between scrapes.
+
+Plain numbers, no locking and no Prometheus types: ``Telemetry`` owns the lock, and the metrics
+collector turns a consistent copy of these totals into metric families at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+# Step durations from 1 ms (a small GPU-bound step) to a minute (a large model, many microbatches).
+STEP_DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    60.0,
+)
+
+
+@dataclass
+class ValueSeries:
+    """A value reported once per step: the last one, and the exact sum and count of finite ones.
+
+    Non-finite values are counted separately and kept out of the sum, so one NaN does not poison
+    every windowed mean computed from ``_sum``/``_count`` afterwards.
+    """
+
+    last: float | None = None
+    total: float = 0.0
+    count: int = 0
+    nonfinite: int = 0
+
+    def observe(self, value: float) -> None:
+        self.last = value
+        if math.isfinite(value):
+            self.total += value
+            self.count += 1
+        else:
+            self.nonfinite += 1
+
+
+@dataclass
+class DurationHistogram:
+    """A cumulative-on-read histogram with fixed upper bounds, in seconds."""
+
+    bounds: tuple[float, ...] = STEP_DURATION_BUCKETS_SECONDS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)  # the last slot is +Inf
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Buckets as Prometheus exposes them: (upper bound, observations at or below it)."""
+        running = 0
+        buckets = []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
+        return buckets
+
+
+@dataclass
+class RankStats:
+    """Everything one rank has reported so far."""
+
+    steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    loss: ValueSeries = field(default_factory=ValueSeries)
+    grad_norm: ValueSeries = field(default_factory=ValueSeries)
+    learning_rate: float | None = None
+    step_duration: DurationHistogram = field(default_factory=DurationHistogram)
+    last_step_timestamp: float | None = None
+    telemetry_errors: int = 0
+
+    def copy(self) -> RankStats:
+        return RankStats(
+            steps=self.steps,
+            tokens=self.tokens,
+            samples=self.samples,
+            loss=ValueSeries(**vars(self.loss)),
+            grad_norm=ValueSeries(**vars(self.grad_norm)),
+            learning_rate=self.learning_rate,
+            step_duration=DurationHistogram(
+                self.step_duration.bounds,
+                list(self.step_duration.counts),
+                self.step_duration.total,
+                self.step_duration.count,
+            ),
+            last_step_timestamp=self.last_step_timestamp,
+            telemetry_errors=self.telemetry_errors,
+        )

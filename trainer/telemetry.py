@@ -1,0 +1,338 @@
+"""``Telemetry``: what a training loop calls, once per optimizer step.
+
+    with Telemetry(total_steps=args.steps) as telemetry:   # identity and port from the environment
+        for batch in loader:
+            ...
+            telemetry.step(loss=loss, tokens=batch.numel(), grad_norm=norm, optimizer=optimizer)
+
+The step path never synchronises with the device and never raises: a failure inside telemetry
+is logged, counted in ``ugro_train_telemetry_errors_total`` and swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from .config import TelemetryConfig
+from .device_values import CudaCopier, DeviceCopier, DeviceValueQueue, host_float, is_cuda_tensor
+from .metrics import RankMetricsCollector, RankSnapshot
+from .server import MetricsServer, MetricsServerError, serve_metrics
+from .stats import RankStats
+
+log = logging.getLogger("ugro.trainer")
+
+# After the first few, telemetry errors are logged once per this many, so a broken value fed
+# every step cannot flood the training log.
+_ERROR_LOG_EVERY = 1000
+_ERROR_LOG_FIRST = 5
+# At close, how long to wait for in-flight device copies before giving up on them.
+_CLOSE_WAIT_SECONDS = 2.0
+
+_COUNTER_FIELDS = ("tokens", "samples")
+
+
+class Telemetry:
+    """Per-rank training metrics served on ``/metrics``.
+
+    Every argument is optional; each one given wins over its environment variable (see
+    ``TelemetryConfig``). ``registry`` defaults to a private registry so the endpoint serves only
+    this rank's series; ``serve=False`` skips the HTTP endpoint (the registry is still filled).
+    ``device`` names the rank's CUDA device for ``gpu_uuid``; by default it is taken from the
+    first CUDA tensor passed to ``step()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str | None = None,
+        rank: int | None = None,
+        local_rank: int | None = None,
+        world_size: int | None = None,
+        node: str | None = None,
+        metrics_port: int | None = None,
+        bind_address: str | None = None,
+        on_port_taken: str | None = None,
+        total_steps: int | None = None,
+        device: Any = None,
+        registry: CollectorRegistry | None = None,
+        serve: bool = True,
+        env: Mapping[str, str] | None = None,
+        device_copier: DeviceCopier | None = None,
+    ) -> None:
+        self.config = TelemetryConfig.resolve(
+            env,
+            job_id=job_id,
+            rank=rank,
+            local_rank=local_rank,
+            world_size=world_size,
+            node=node,
+            metrics_port=metrics_port,
+            bind_address=bind_address,
+            on_port_taken=on_port_taken,
+            total_steps=total_steps,
+        )
+        self._lock = threading.Lock()
+        self._stats = RankStats()
+        self._start_time = time.time()
+        self._previous_step_clock: float | None = None
+        self._device_copier = device_copier
+        self._device_queue: DeviceValueQueue | None = None
+        self._cuda_device_index: int | None = None
+        self._gpu_uuid = ""
+        self._dropped_device_steps = 0
+        self._closed = False
+        if device is not None:
+            self._adopt_device(device)
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._collector = RankMetricsCollector(self._snapshot)
+        self.registry.register(self._collector)
+
+        self.server: MetricsServer | None = None
+        if serve:
+            self._start_server()
+
+    # -- the training loop's side ------------------------------------------------------------
+
+    def step(
+        self,
+        *,
+        loss: Any = None,
+        tokens: Any = None,
+        samples: Any = None,
+        grad_norm: Any = None,
+        learning_rate: Any = None,
+        optimizer: Any = None,
+    ) -> None:
+        """Record one completed optimizer step. Never blocks on the device, never raises.
+
+        Each value may be a Python number, a numpy scalar, or a one-element tensor on the CPU or
+        a CUDA device. ``learning_rate`` defaults to ``optimizer.param_groups[0]["lr"]``.
+        """
+        now = time.perf_counter()
+        wall = time.time()
+        if learning_rate is None and optimizer is not None:
+            try:
+                learning_rate = optimizer.param_groups[0]["lr"]
+            except Exception as error:
+                self._record_error("step", error)
+        # Each value on its own: one bad value is an error, the others are still recorded.
+        host: dict[str, float] = {}
+        device: dict[str, Any] = {}
+        for name, value in (
+            ("loss", loss),
+            ("grad_norm", grad_norm),
+            ("learning_rate", learning_rate),
+            ("tokens", tokens),
+            ("samples", samples),
+        ):
+            if value is None:
+                continue
+            try:
+                if is_cuda_tensor(value):
+                    device[name] = value
+                else:
+                    host[name] = host_float(name, value)
+            except Exception as error:
+                self._record_error("step", error)
+
+        try:
+            with self._lock:
+                stats = self._stats
+                stats.steps += 1
+                if self._previous_step_clock is not None:
+                    stats.step_duration.observe(now - self._previous_step_clock)
+                self._previous_step_clock = now
+                stats.last_step_timestamp = wall
+                self._apply(host)
+                if device:
+                    self._submit_device_values(device)
+                self._fold_ready_device_values()
+        except Exception as error:  # the training loop must never see telemetry fail
+            self._record_error("step", error)
+
+    def close(self) -> None:
+        """Fold in what the device still owes (briefly), then stop serving. Safe to repeat."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            if self._device_queue is not None:
+                try:
+                    for values in self._device_queue.wait(_CLOSE_WAIT_SECONDS):
+                        self._apply(values)
+                except Exception as error:
+                    self._record_error("close", error)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def latest(self) -> dict[str, float | None]:
+        """The newest values that have reached the host, for progress lines; never waits."""
+        with self._lock:
+            self._fold_ready_device_values()
+            stats = self._stats
+            return {
+                "steps": stats.steps,
+                "tokens": stats.tokens,
+                "loss": stats.loss.last,
+                "grad_norm": stats.grad_norm.last,
+                "learning_rate": stats.learning_rate,
+            }
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this rank's ``/metrics`` is served, or None when it is not."""
+        if self.server is None:
+            return None
+        host = self.server.address
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{self.server.port}/metrics"
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start_server(self) -> None:
+        config = self.config
+        try:
+            self.server = serve_metrics(
+                self.registry, config.bind_address, config.metrics_port, config.rank
+            )
+        except MetricsServerError as error:
+            if config.on_port_taken == "fail":
+                self.registry.unregister(self._collector)
+                raise
+            log.error(
+                "ugro: %s; training continues without telemetry "
+                "(set UGRO_METRICS_PORT to a free base port, or UGRO_METRICS_ON_PORT_TAKEN=fail "
+                "to stop instead)",
+                error,
+            )
+
+    def _apply(self, values: Mapping[str, float]) -> None:
+        """Fold host-side values into the stats; the caller holds the lock."""
+        stats = self._stats
+        for name, value in values.items():
+            if name == "loss":
+                stats.loss.observe(value)
+            elif name == "grad_norm":
+                stats.grad_norm.observe(value)
+            elif name == "learning_rate":
+                stats.learning_rate = value
+            elif name in _COUNTER_FIELDS:
+                if not math.isfinite(value) or value < 0:
+                    self._record_error_locked(
+                        "step", ValueError(f"{name}: expected a count >= 0, got {value!r}")
+                    )
+                    continue
+                setattr(stats, name, getattr(stats, name) + int(value))
+
+    def _submit_device_values(self, device: Mapping[str, Any]) -> None:
+        try:
+            if self._device_queue is None:
+                self._adopt_device(next(iter(device.values())).device)
+                copier = self._device_copier if self._device_copier is not None else CudaCopier()
+                self._device_queue = DeviceValueQueue(copier)
+            if not self._device_queue.submit(device):
+                self._dropped_device_steps += 1
+                if self._dropped_device_steps == 1:
+                    log.warning(
+                        "ugro: the device is %d steps behind the host; dropping this step's "
+                        "device values rather than queueing more",
+                        len(self._device_queue),
+                    )
+        except Exception as error:
+            self._record_error_locked("step", error)
+
+    def _fold_ready_device_values(self) -> None:
+        if self._device_queue is None:
+            return
+        try:
+            for values in self._device_queue.ready():
+                self._apply(values)
+        except Exception as error:
+            self._record_error_locked("fold", error)
+
+    def _adopt_device(self, device: Any) -> None:
+        """Learn the rank's CUDA device index and its GPU's UUID (as NVML spells it)."""
+        if self._cuda_device_index is not None:
+            return
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        device = torch.device(device)
+        if device.type != "cuda":
+            return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self._cuda_device_index = index
+        try:
+            # NVML (and so the node exporter) names GPUs "GPU-<uuid>"; torch gives the bare uuid.
+            self._gpu_uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+        except Exception as error:
+            log.warning("ugro: cannot read the UUID of CUDA device %s: %s", index, error)
+
+    def _snapshot(self) -> RankSnapshot:
+        """A consistent copy for one scrape; runs on the HTTP server's thread."""
+        with self._lock:
+            self._fold_ready_device_values()
+            stats = self._stats.copy()
+            pending = len(self._device_queue) if self._device_queue is not None else 0
+            gpu_uuid = self._gpu_uuid
+        config = self.config
+        return RankSnapshot(
+            stats=stats,
+            identity={
+                "job_id": config.job_id,
+                "rank": str(config.rank),
+                "local_rank": str(config.local_rank),
+                "world_size": str(config.world_size),
+                "node": config.node,
+                "gpu_uuid": gpu_uuid,
+            },
+            start_time=self._start_time,
+            target_steps=config.total_steps,
+            pending_steps=pending,
+            cuda_max_memory_allocated_bytes=self._cuda_peak_memory(),
+        )
+
+    def _cuda_peak_memory(self) -> float | None:
+        if self._cuda_device_index is None:
+            return None
+        try:
+            torch = sys.modules["torch"]
+            return float(torch.cuda.max_memory_allocated(self._cuda_device_index))
+        except Exception as error:
+            self._record_error("scrape", error)
+            return None
+
+    def _record_error(self, where: str, error: BaseException) -> None:
+        with self._lock:
+            self._record_error_locked(where, error)
+
+    def _record_error_locked(self, where: str, error: BaseException) -> None:
+        self._stats.telemetry_errors += 1
+        count = self._stats.telemetry_errors
+        if count <= _ERROR_LOG_FIRST or count % _ERROR_LOG_EVERY == 0:
+            log.warning(
+                "ugro telemetry error #%d in %s (training continues): %s: %s",
+                count,
+                where,
+                type(error).__name__,
+                error,
+                exc_info=count == 1,
+            )

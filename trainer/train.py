@@ -1,0 +1,213 @@
+"""Reference trainer: a small causal language model trained with DDP, monitored by ugro.
+
+    torchrun --standalone --nproc-per-node 2 -m ugro.trainer.train --steps 200
+
+It trains on the Python standard library's source (offline on any machine) with AdamW, a warm-up
+plus cosine learning-rate schedule and gradient clipping, using gloo on CPU and NCCL on CUDA.
+The telemetry takes the three lines marked ``ugro:`` below. Fault flags make one rank diverge,
+straggle, hang or crash, for demos and alert tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import TelemetryConfigError
+from .data import DEFAULT_CORPUS_BYTES, CorpusError, RandomWindows, stdlib_source_bytes
+from .faults import FaultPlan
+from .model import ModelConfig, TinyCausalLM
+from .server import MetricsServerError
+from .telemetry import Telemetry
+
+EXIT_USAGE = 2
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ugro.trainer.train",
+        description="Train a small causal LM with DDP and serve ugro telemetry on /metrics.",
+    )
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank and step")
+    parser.add_argument("--context", type=int, default=64, help="bytes per sequence")
+    parser.add_argument("--width", type=int, default=128, help="model width")
+    parser.add_argument("--depth", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping threshold")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus-bytes", type=int, default=DEFAULT_CORPUS_BYTES)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep serving /metrics this long after the last step, so a scrape sees final values",
+    )
+    faults = parser.add_argument_group("fault injection (one rank)")
+    faults.add_argument("--fault-rank", type=int, default=0, help="the rank faults hit")
+    faults.add_argument("--nonfinite-loss-from", type=int, metavar="STEP")
+    faults.add_argument("--slow-factor", type=float, default=1.0, help="compute takes F× longer")
+    faults.add_argument("--slow-from", type=int, default=1, metavar="STEP")
+    faults.add_argument("--hang-at", type=int, metavar="STEP")
+    faults.add_argument("--crash-at", type=int, metavar="STEP")
+    faults.add_argument("--crash-exit-code", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    for name in ("steps", "batch_size", "context", "width", "depth", "heads", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.linger < 0 or args.lr <= 0 or args.clip <= 0 or args.warmup_steps < 0:
+        parser.error("--linger, --warmup-steps must be >= 0 and --lr, --clip > 0")
+    try:
+        args.faults = FaultPlan(
+            rank=args.fault_rank,
+            nonfinite_loss_from=args.nonfinite_loss_from,
+            slow_factor=args.slow_factor,
+            slow_from=args.slow_from,
+            hang_at=args.hang_at,
+            crash_at=args.crash_at,
+            crash_exit_code=args.crash_exit_code,
+        )
+        args.model = ModelConfig(
+            context=args.context, width=args.width, depth=args.depth, heads=args.heads
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 10 % of the peak."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        device = pick_device(args.device, local_rank)
+        corpus = stdlib_source_bytes(args.corpus_bytes)
+        # ugro: identity and port come from torchrun's and ugro-launch's environment.
+        telemetry = Telemetry(total_steps=args.steps, device=device)
+    except (RuntimeError, CorpusError, TelemetryConfigError, MetricsServerError) as error:
+        print(f"ugro.trainer.train: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    rank = telemetry.config.rank
+    if telemetry.metrics_url:
+        print(f"rank {rank}: metrics at {telemetry.metrics_url}", flush=True)
+
+    with telemetry:  # ugro: closing it stops the endpoint, even if training raises
+        if distributed:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        try:
+            train(args, device, rank, corpus, telemetry, distributed)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+    return 0
+
+
+def train(
+    args: argparse.Namespace,
+    device: torch.device,
+    rank: int,
+    corpus: bytes,
+    telemetry: Telemetry,
+    distributed: bool,
+) -> None:
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model = TinyCausalLM(args.model).to(device)
+    trained = DistributedDataParallel(model) if distributed else model
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(args.warmup_steps, args.steps)
+    )
+    batches = RandomWindows(corpus, args.context, args.batch_size, seed=args.seed + 1000 * rank)
+    faults: FaultPlan = args.faults
+
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        faults.before_step(step, rank)
+        inputs, targets = batches.next()
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
+
+        forward_started = time.perf_counter()
+        loss = trained(inputs, targets)
+        if faults.poisons_loss(step, rank):
+            loss = loss * float("nan")
+        delay = faults.delay_seconds(step, rank, 3 * (time.perf_counter() - forward_started))
+        if delay:
+            time.sleep(delay)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        schedule.step()
+        # ugro: one call per optimizer step; tensors stay on the device, nothing syncs.
+        telemetry.step(
+            loss=loss.detach(),
+            tokens=inputs.numel(),
+            samples=inputs.shape[0],
+            grad_norm=grad_norm,
+            optimizer=optimizer,
+        )
+
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            elapsed = time.perf_counter() - started
+            print(progress_line(step, args.steps, telemetry, elapsed), flush=True)
+    if args.linger:
+        time.sleep(args.linger)
+
+
+def progress_line(step: int, steps: int, telemetry: Telemetry, elapsed: float) -> str:
+    """From the values already on the host: printing progress must not sync with the device."""
+    latest = telemetry.latest()
+
+    def shown(name: str, spec: str) -> str:
+        value = latest[name]
+        return "pending" if value is None else format(value, spec)
+
+    return (
+        f"step {step}/{steps}  loss {shown('loss', '.4f')}  lr {shown('learning_rate', '.2e')}  "
+        f"{latest['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s on this rank"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
