@@ -34,6 +34,9 @@ def host_float(name: str, value: Any) -> float:
     numel = getattr(value, "numel", None)
     if numel is not None and numel() != 1:
         raise ValueTypeError(f"{name}: expected a scalar, got a tensor of {numel()} elements")
+    detach = getattr(value, "detach", None)
+    if detach is not None:
+        value = detach()  # a loss still attached to the autograd graph converts without warnings
     try:
         return float(value)
     except (TypeError, ValueError) as error:

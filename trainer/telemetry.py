@@ -278,13 +278,14 @@ class Telemetry:
         device = torch.device(device)
         if device.type != "cuda":
             return
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        self._cuda_device_index = index
         try:
+            index = device.index if device.index is not None else torch.cuda.current_device()
             # NVML (and so the node exporter) names GPUs "GPU-<uuid>"; torch gives the bare uuid.
             self._gpu_uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
         except Exception as error:
-            log.warning("ugro: cannot read the UUID of CUDA device %s: %s", index, error)
+            log.warning("ugro: cannot read the UUID of CUDA device %s: %s", device, error)
+            return
+        self._cuda_device_index = index
 
     def _snapshot(self) -> RankSnapshot:
         """A consistent copy for one scrape; runs on the HTTP server's thread."""

@@ -1,0 +1,86 @@
+"""Fixtures shared by every test folder: real binaries, free ports, scraping."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Callable[[str], subprocess.CompletedProcess[str]]:
+    """Runs the real ``promtool check metrics`` (installed by make setup) on an exposition."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is not on PATH: run `make setup` (Debian package prometheus)")
+
+    def check_metrics(exposition: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [path, "check", "metrics"],
+            input=exposition,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    return check_metrics
+
+
+def _ports_free(base: int, count: int) -> bool:
+    sockets = []
+    try:
+        for port in range(base, base + count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("0.0.0.0", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture
+def free_port_block() -> Callable[[int], int]:
+    """Returns a base port such that base .. base+count-1 are all free right now."""
+
+    def find(count: int) -> int:
+        for _ in range(200):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = probe.getsockname()[1]
+            if base + count <= 65535 and _ports_free(base, count):
+                return base
+        raise RuntimeError(f"no block of {count} free ports found")
+
+    return find
+
+
+def scrape(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def sample_values(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by (name, sorted labels)."""
+    samples = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+@pytest.fixture
+def scrape_metrics() -> Callable[[str], str]:
+    return scrape
+
+
+@pytest.fixture
+def parse_samples() -> Callable[[str], dict]:
+    return sample_values

@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import logging
+import math
+import socket
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+
+from ugro.trainer import MetricsServerError, Telemetry
+from ugro.trainer.stats import STEP_DURATION_BUCKETS_SECONDS
+
+IDENTITY = {"job_id": "job-1", "rank": 2, "local_rank": 0, "world_size": 4, "node": "node-a"}
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def offline(registry: CollectorRegistry, **overrides) -> Telemetry:
+    """Telemetry on a fresh registry, without an HTTP endpoint."""
+    return Telemetry(**{**IDENTITY, **overrides}, registry=registry, serve=False, env={})
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_counters_and_last_values_after_steps(registry):
+    telemetry = offline(registry, total_steps=100)
+    for step in range(3):
+        telemetry.step(loss=2.0 - step, tokens=512, samples=8, grad_norm=0.5, learning_rate=1e-3)
+
+    assert value(registry, "ugro_train_steps_total") == 3
+    assert value(registry, "ugro_train_tokens_total") == 3 * 512
+    assert value(registry, "ugro_train_samples_total") == 24
+    assert value(registry, "ugro_train_loss_last") == 0.0
+    assert value(registry, "ugro_train_grad_norm_last") == 0.5
+    assert value(registry, "ugro_train_learning_rate") == 1e-3
+    assert value(registry, "ugro_train_target_steps") == 100
+    assert value(registry, "ugro_train_telemetry_errors_total") == 0
+
+
+def test_rank_info_carries_the_identity(registry):
+    offline(registry)
+    labels = dict(IDENTITY, rank="2", local_rank="0", world_size="4", gpu_uuid="")
+    assert value(registry, "ugro_train_rank_info", **labels) == 1
+
+
+def test_sum_and_count_give_exact_window_means(registry):
+    telemetry = offline(registry)
+    losses = [4.0, 3.5, 3.0, 2.25, 2.0, 1.75]
+    for loss in losses[:2]:
+        telemetry.step(loss=loss, grad_norm=loss / 2)
+    sum_before = value(registry, "ugro_train_loss_sum")
+    count_before = value(registry, "ugro_train_loss_count")
+    grad_sum_before = value(registry, "ugro_train_grad_norm_sum")
+    for loss in losses[2:]:
+        telemetry.step(loss=loss, grad_norm=loss / 2)
+
+    # What PromQL computes as rate(_sum[w]) / rate(_count[w]) over the window of the last 4 steps.
+    window = losses[2:]
+    mean = (value(registry, "ugro_train_loss_sum") - sum_before) / (
+        value(registry, "ugro_train_loss_count") - count_before
+    )
+    assert mean == pytest.approx(sum(window) / len(window), abs=1e-12)
+    grad_mean = (value(registry, "ugro_train_grad_norm_sum") - grad_sum_before) / len(window)
+    assert grad_mean == pytest.approx(sum(window) / len(window) / 2, abs=1e-12)
+
+
+def test_nonfinite_values_are_counted_exposed_and_kept_out_of_the_means(registry):
+    telemetry = offline(registry)
+    telemetry.step(loss=1.0, grad_norm=1.0)
+    telemetry.step(loss=float("nan"), grad_norm=float("inf"))
+    telemetry.step(loss=torch.tensor(float("nan")), grad_norm=2.0)
+
+    assert value(registry, "ugro_train_nonfinite_total", quantity="loss") == 2
+    assert value(registry, "ugro_train_nonfinite_total", quantity="grad_norm") == 1
+    assert math.isnan(value(registry, "ugro_train_loss_last"))
+    assert value(registry, "ugro_train_loss_sum") == 1.0
+    assert value(registry, "ugro_train_loss_count") == 1
+    assert value(registry, "ugro_train_grad_norm_sum") == 3.0
+    assert value(registry, "ugro_train_steps_total") == 3
+    assert value(registry, "ugro_train_telemetry_errors_total") == 0
+
+
+def test_cpu_tensors_and_numpy_scalars_are_accepted(registry):
+    import numpy as np
+
+    telemetry = offline(registry)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.25)
+    loss = (weight * 2).sum()
+    telemetry.step(
+        loss=loss,  # still attached to the graph: telemetry must not need .detach()
+        tokens=torch.tensor(64),
+        samples=np.int64(2),
+        grad_norm=torch.tensor(1.5, dtype=torch.bfloat16),
+        optimizer=optimizer,
+    )
+    assert value(registry, "ugro_train_loss_last") == 6.0
+    assert value(registry, "ugro_train_tokens_total") == 64
+    assert value(registry, "ugro_train_samples_total") == 2
+    assert value(registry, "ugro_train_grad_norm_last") == 1.5
+    assert value(registry, "ugro_train_learning_rate") == 0.25
+
+
+def test_step_duration_histogram_measures_time_between_steps(registry, monkeypatch):
+    clock = iter([10.0, 10.004, 10.5, 12.0])
+    monkeypatch.setattr("ugro.trainer.telemetry.time.perf_counter", lambda: next(clock))
+    telemetry = offline(registry)
+    for _ in range(4):
+        telemetry.step(loss=1.0)
+
+    # The first step has no predecessor: three durations, 4 ms, 496 ms and 1.5 s.
+    assert value(registry, "ugro_train_step_duration_seconds_count") == 3
+    assert value(registry, "ugro_train_step_duration_seconds_sum") == pytest.approx(2.0)
+    bucket = lambda le: value(registry, "ugro_train_step_duration_seconds_bucket", le=le)  # noqa: E731
+    assert bucket("0.0025") == 0
+    assert bucket("0.005") == 1
+    assert bucket("0.5") == 2
+    assert bucket("1.0") == 2
+    assert bucket("2.5") == 3
+    assert bucket("+Inf") == 3
+    assert STEP_DURATION_BUCKETS_SECONDS[0] == 0.001 and STEP_DURATION_BUCKETS_SECONDS[-1] == 60.0
+
+
+def test_last_step_timestamp_is_wall_clock(registry, monkeypatch):
+    monkeypatch.setattr("ugro.trainer.telemetry.time.time", lambda: 1_700_000_000.5)
+    telemetry = offline(registry)
+    assert value(registry, "ugro_train_last_step_timestamp_seconds") is None  # no step yet
+    telemetry.step(loss=1.0)
+    assert value(registry, "ugro_train_last_step_timestamp_seconds") == 1_700_000_000.5
+
+
+class ExplodingNumber:
+    def __float__(self) -> float:
+        raise RuntimeError("boom")
+
+
+class BrokenOptimizer:
+    @property
+    def param_groups(self):
+        raise RuntimeError("no groups")
+
+
+def test_errors_inside_telemetry_never_reach_the_training_loop(registry, caplog):
+    telemetry = offline(registry)
+    with caplog.at_level(logging.WARNING, logger="ugro.trainer"):
+        telemetry.step(loss=ExplodingNumber(), tokens=100, grad_norm=1.0)
+        telemetry.step(loss=1.0, tokens="many", optimizer=BrokenOptimizer())
+        telemetry.step(loss=torch.ones(3), samples=-4)
+
+    # Every step is counted, every good value recorded, every bad one counted as an error.
+    assert value(registry, "ugro_train_steps_total") == 3
+    assert value(registry, "ugro_train_tokens_total") == 100
+    assert value(registry, "ugro_train_loss_last") == 1.0
+    assert value(registry, "ugro_train_grad_norm_last") == 1.0
+    assert value(registry, "ugro_train_telemetry_errors_total") == 5
+    assert "RuntimeError: boom" in caplog.text
+    assert "expected a scalar, got a tensor of 3 elements" in caplog.text
+    assert "samples: expected a count >= 0" in caplog.text
+
+
+def test_error_logging_is_rate_limited(registry, caplog):
+    telemetry = offline(registry)
+    with caplog.at_level(logging.WARNING, logger="ugro.trainer"):
+        for _ in range(50):
+            telemetry.step(loss="not a number")
+    assert value(registry, "ugro_train_telemetry_errors_total") == 50
+    assert len(caplog.records) == 5
+
+
+def test_latest_reports_what_reached_the_host(registry):
+    telemetry = offline(registry)
+    assert telemetry.latest()["loss"] is None
+    telemetry.step(loss=3.0, tokens=10, learning_rate=0.1)
+    assert telemetry.latest() == {
+        "steps": 1,
+        "tokens": 10,
+        "loss": 3.0,
+        "grad_norm": None,
+        "learning_rate": 0.1,
+    }
+
+
+def test_one_rank_exposes_at_most_40_series(registry):
+    telemetry = offline(registry, total_steps=10)
+    telemetry.step(loss=1.0, tokens=1, samples=1, grad_norm=1.0, learning_rate=0.1)
+    telemetry.step(loss=1.0, tokens=1, samples=1, grad_norm=1.0, learning_rate=0.1)
+    series = [s for family in registry.collect() for s in family.samples]
+    # A CUDA rank adds one series (peak memory); keep headroom for it.
+    assert len(series) + 1 <= 40, [s.name for s in series]
+
+
+def test_serves_metrics_over_http_and_close_frees_the_port(registry, scrape_metrics):
+    telemetry = Telemetry(**IDENTITY, metrics_port=0, bind_address="127.0.0.1", registry=registry)
+    telemetry.step(loss=1.25)
+    port = telemetry.server.port
+    body = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
+    assert "ugro_train_loss_last 1.25" in body
+    assert telemetry.metrics_url == f"http://127.0.0.1:{port}/metrics"
+
+    telemetry.close()
+    telemetry.close()  # safe to repeat
+    assert telemetry.metrics_url is None
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))  # would raise if the endpoint still held it
+
+
+def test_context_manager_closes_the_endpoint(registry):
+    with Telemetry(**IDENTITY, metrics_port=0, bind_address="127.0.0.1", registry=registry) as t:
+        assert t.server is not None
+    assert t.server is None
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_port_taken_continues_without_telemetry_by_default(registry, taken_port, caplog):
+    with caplog.at_level(logging.ERROR, logger="ugro.trainer"):
+        telemetry = Telemetry(
+            **IDENTITY, metrics_port=taken_port, bind_address="127.0.0.1", registry=registry
+        )
+    assert telemetry.server is None
+    [record] = caplog.records
+    message = record.getMessage()
+    assert f"rank 2 cannot serve /metrics on 127.0.0.1:{taken_port}" in message
+    assert "address already in use" in message
+    assert "\n" not in message
+    telemetry.step(loss=1.0)  # training goes on; values still land in the registry
+    assert value(registry, "ugro_train_steps_total") == 1
+
+
+def test_port_taken_with_fail_policy_stops_before_the_first_step(registry, taken_port):
+    with pytest.raises(MetricsServerError, match=f"rank 2 cannot serve /metrics.*:{taken_port}"):
+        Telemetry(
+            **IDENTITY,
+            metrics_port=taken_port,
+            bind_address="127.0.0.1",
+            on_port_taken="fail",
+            registry=registry,
+        )
+    assert list(registry.collect()) == []  # nothing half-registered
+
+
+def test_exposition_is_clean_under_promtool(registry, promtool):
+    telemetry = offline(registry, total_steps=5)
+    telemetry.step(loss=1.0, tokens=8, samples=1, grad_norm=0.1, learning_rate=0.01)
+    telemetry.step(loss=float("nan"), tokens=8, samples=1, grad_norm=0.1, learning_rate=0.01)
+    result = promtool(generate_latest(registry).decode())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == ""

@@ -1,0 +1,302 @@
+"""The reference trainer for real: torchrun, gloo, HTTP scrapes and promtool."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from ugro.trainer.faults import FaultPlan
+
+BATCH, CONTEXT = 8, 32
+SMALL_MODEL = ["--batch-size", str(BATCH), "--context", str(CONTEXT), "--width", "64"]
+
+
+def trainer_env(base_port: int, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TORCHELASTIC_", "UGRO_")) and k not in ("RANK", "LOCAL_RANK")
+    }
+    env.update(
+        UGRO_JOB_ID="itest-1",
+        UGRO_METRICS_PORT=str(base_port),
+        UGRO_METRICS_ADDR="127.0.0.1",
+        UGRO_NODE="node-x",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def start_process() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Starts a command in its own process group; kills the group at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except OSError:  # endpoint not up yet
+            result = None
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_trainer(args: list[str], env: dict[str, str], timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "ugro.trainer.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
+    start_process, free_port_block, scrape_metrics, parse_samples, promtool
+):
+    steps = 150
+    base = free_port_block(2)
+    torchrun = start_process(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "ugro.trainer.train",
+            "--steps",
+            str(steps),
+            "--linger",
+            "15",
+            "--log-every",
+            "50",
+            *SMALL_MODEL,
+        ],
+        trainer_env(base),
+    )
+    urls = [f"http://127.0.0.1:{base + rank}/metrics" for rank in (0, 1)]
+
+    def steps_done(url: str) -> float:
+        return parse_samples(scrape_metrics(url)).get(("ugro_train_steps_total", ()), 0)
+
+    early = [
+        wait_for(lambda u=u: steps_done(u) >= 10 and parse_samples(scrape_metrics(u)), 120, u)
+        for u in urls
+    ]
+    late_texts = [
+        wait_for(lambda u=u: steps_done(u) == steps and scrape_metrics(u), 120, f"{u} at the end")
+        for u in urls
+    ]
+    late = [parse_samples(text) for text in late_texts]
+
+    for rank in (0, 1):
+        before, after = early[rank], late[rank]
+        info = {
+            dict(labels)["rank"]: dict(labels)
+            for (name, labels), _ in after.items()
+            if name == "ugro_train_rank_info"
+        }
+        assert info == {
+            str(rank): {
+                "job_id": "itest-1",
+                "rank": str(rank),
+                "local_rank": str(rank),
+                "world_size": "2",
+                "node": "node-x",
+                "gpu_uuid": "",
+            }
+        }
+        get = lambda samples, name, **labels: samples.get((name, tuple(sorted(labels.items()))))  # noqa: E731
+        assert get(after, "ugro_train_steps_total") == steps
+        assert get(after, "ugro_train_steps_total") > get(before, "ugro_train_steps_total")
+        assert get(after, "ugro_train_tokens_total") == steps * BATCH * CONTEXT
+        assert get(after, "ugro_train_samples_total") == steps * BATCH
+        assert get(after, "ugro_train_target_steps") == steps
+        assert get(after, "ugro_train_step_duration_seconds_count") == steps - 1
+        assert get(after, "ugro_train_nonfinite_total", quantity="loss") == 0
+        assert 0 < get(after, "ugro_train_learning_rate") < 3e-3
+        assert math.isfinite(get(after, "ugro_train_grad_norm_last"))
+        assert get(after, "ugro_train_last_step_timestamp_seconds") > time.time() - 120
+        assert get(after, "ugro_train_telemetry_errors_total") == 0
+
+        # The loss falls: the exact mean of the later window is well below the early one's,
+        # and the early one starts near ln(256), a uniform guess over bytes.
+        early_mean = get(before, "ugro_train_loss_sum") / get(before, "ugro_train_loss_count")
+        later_mean = (get(after, "ugro_train_loss_sum") - get(before, "ugro_train_loss_sum")) / (
+            get(after, "ugro_train_loss_count") - get(before, "ugro_train_loss_count")
+        )
+        assert early_mean > 4.0
+        assert later_mean < early_mean - 1.0, (early_mean, later_mean)
+
+        result = promtool(late_texts[rank])
+        assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+            result.stdout + result.stderr
+        )
+
+    out, err = torchrun.communicate(timeout=60)
+    assert torchrun.returncode == 0, err
+    assert f"rank 0: metrics at http://127.0.0.1:{base}/metrics" in out
+    assert f"step {steps}/{steps}" in out
+
+
+def test_bad_arguments_and_environment_fail_before_training(free_port_block):
+    env = trainer_env(free_port_block(1))
+    result = run_trainer(["--steps", "0"], env)
+    assert result.returncode == 2 and "--steps 0: expected >= 1" in result.stderr
+
+    result = run_trainer(["--steps", "3", "--crash-at", "0"], env)
+    assert result.returncode == 2 and "--crash-at 0: expected a step >= 1" in result.stderr
+
+    result = run_trainer(["--steps", "3"], {**env, "UGRO_METRICS_PORT": "abc"})
+    assert result.returncode == 2
+    assert "UGRO_METRICS_PORT='abc': expected an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    torchrun_without_rank = {
+        **env,
+        "TORCHELASTIC_RUN_ID": "x",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+    }
+    result = run_trainer(["--steps", "3"], torchrun_without_rank)
+    assert result.returncode == 2 and "RANK is not set" in result.stderr
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_port_taken_trains_on_by_default_and_stops_first_when_asked(taken_port):
+    env = trainer_env(taken_port)
+    result = run_trainer(["--steps", "3", "--log-every", "1", *SMALL_MODEL], env)
+    assert result.returncode == 0, result.stderr
+    assert f"rank 0 cannot serve /metrics on 127.0.0.1:{taken_port}: address already in use" in (
+        result.stderr
+    )
+    assert "step 3/3" in result.stdout
+
+    result = run_trainer(
+        ["--steps", "3", "--log-every", "1", *SMALL_MODEL],
+        {**env, "UGRO_METRICS_ON_PORT_TAKEN": "fail"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"ugro.trainer.train: rank 0 cannot serve /metrics on 127.0.0.1:{taken_port}: "
+        "address already in use"
+    ]
+    assert "step 1/" not in result.stdout
+
+
+def test_injected_crash_exits_with_the_given_code(free_port_block):
+    result = run_trainer(
+        ["--steps", "10", "--crash-at", "3", "--crash-exit-code", "7", *SMALL_MODEL],
+        trainer_env(free_port_block(1)),
+    )
+    assert result.returncode == 7
+    assert "injected crash at step 3" in result.stderr
+
+
+def test_injected_nonfinite_loss_is_counted_not_fatal(
+    start_process, free_port_block, scrape_metrics, parse_samples
+):
+    base = free_port_block(1)
+    start_process(
+        [
+            sys.executable,
+            "-m",
+            "ugro.trainer.train",
+            "--steps",
+            "8",
+            "--nonfinite-loss-from",
+            "5",
+            "--linger",
+            "60",
+            *SMALL_MODEL,
+        ],
+        trainer_env(base),
+    )
+    url = f"http://127.0.0.1:{base}/metrics"
+    samples = wait_for(
+        lambda: (
+            (s := parse_samples(scrape_metrics(url))).get(("ugro_train_steps_total", ())) == 8 and s
+        ),
+        60,
+        "8 steps",
+    )
+    assert samples[("ugro_train_nonfinite_total", (("quantity", "loss"),))] == 4
+    assert samples[("ugro_train_nonfinite_total", (("quantity", "grad_norm"),))] == 4
+    assert math.isnan(samples[("ugro_train_loss_last", ())])
+    assert samples[("ugro_train_loss_count", ())] == 4  # steps 1-4 only
+
+
+def test_injected_hang_stops_steps_while_metrics_stay_up(
+    start_process, free_port_block, scrape_metrics, parse_samples
+):
+    base = free_port_block(1)
+    process = start_process(
+        [
+            sys.executable,
+            "-m",
+            "ugro.trainer.train",
+            "--steps",
+            "50",
+            "--hang-at",
+            "4",
+            *SMALL_MODEL,
+        ],
+        trainer_env(base),
+    )
+    url = f"http://127.0.0.1:{base}/metrics"
+    steps = lambda: parse_samples(scrape_metrics(url)).get(("ugro_train_steps_total", ()))  # noqa: E731
+    wait_for(lambda: steps() == 3, 60, "3 steps")
+    time.sleep(1.5)
+    assert steps() == 3
+    assert process.poll() is None
+
+
+def test_slow_factor_stretches_only_the_chosen_rank():
+    plan = FaultPlan(rank=1, slow_factor=2.5, slow_from=10)
+    assert plan.delay_seconds(step=12, rank=1, compute_seconds=0.2) == pytest.approx(0.3)
+    assert plan.delay_seconds(step=12, rank=0, compute_seconds=0.2) == 0
+    assert plan.delay_seconds(step=9, rank=1, compute_seconds=0.2) == 0
+    with pytest.raises(ValueError, match=r"--slow-factor 0\.5"):
+        FaultPlan(slow_factor=0.5)
