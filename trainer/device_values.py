@@ -30,7 +30,10 @@ def is_cuda_tensor(value: object) -> bool:
 
 
 def host_float(name: str, value: Any) -> float:
-    """A step value that lives on the host (number, numpy scalar, CPU tensor) as a float."""
+    """A step value that lives on the host (number, numpy scalar, CPU tensor) as a float.
+
+    Tensors on devices other than CUDA are converted here too, which waits for that device.
+    """
     numel = getattr(value, "numel", None)
     if numel is not None and numel() != 1:
         raise ValueTypeError(f"{name}: expected a scalar, got a tensor of {numel()} elements")
@@ -112,7 +115,9 @@ class CudaCopier:
             ]
         )
         pending.host[: len(tensors)].copy_(stacked, non_blocking=True)
-        pending.event.record()
+        # Record on the stream the copy was queued on: that of the values' device, which need
+        # not be the thread's current device.
+        pending.event.record(torch.cuda.current_stream(stacked.device))
         pending.size = len(tensors)
         return pending
 

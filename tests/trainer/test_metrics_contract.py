@@ -1,0 +1,61 @@
+"""docs/metrics.md and the trainer's collector describe the same metrics."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from ugro.trainer.metrics import RANK_INFO_LABELS, RankMetricsCollector, RankSnapshot
+from ugro.trainer.stats import RankStats
+
+DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def documented_trainer_metrics() -> dict[str, str]:
+    """{metric name: type} from the trainer table of docs/metrics.md."""
+    section = DOC.read_text().split("## Trainer", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(ugro_[a-z0-9_]+)` \| (\w+)", section, flags=re.MULTILINE)
+    return dict(rows)
+
+
+def full_snapshot(cuda: bool) -> RankSnapshot:
+    """A snapshot with every optional value present, so every metric is emitted."""
+    stats = RankStats(learning_rate=0.1, last_step_timestamp=1.0)
+    stats.loss.observe(1.0)
+    stats.grad_norm.observe(1.0)
+    return RankSnapshot(
+        stats=stats,
+        identity={label: "x" for label in RANK_INFO_LABELS},
+        start_time=0.0,
+        target_steps=10,
+        pending_steps=0,
+        cuda_max_memory_allocated_bytes=1024.0 if cuda else None,
+    )
+
+
+def exposed(cuda: bool) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(RankMetricsCollector(lambda: full_snapshot(cuda)))
+    return registry
+
+
+def test_every_exposed_metric_is_documented_with_its_type_and_nothing_else():
+    families = {
+        (f.name + "_total" if f.type == "counter" else f.name): f.type
+        for f in exposed(cuda=True).collect()
+    }
+    assert documented_trainer_metrics() == families
+
+
+def test_documented_series_counts_match(promtool):
+    counts = re.search(
+        r"A CPU rank exposes (\d+) series, a CUDA rank (\d+)", DOC.read_text()
+    ).groups()
+    actual = [sum(len(f.samples) for f in exposed(cuda).collect()) for cuda in (False, True)]
+    assert actual == [int(c) for c in counts]
+    assert max(actual) <= 40
+
+    result = promtool(generate_latest(exposed(cuda=True)).decode())
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip()
