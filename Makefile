@@ -41,10 +41,7 @@ $(SETUP_STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	@echo "==> training the reference model on 2 ranks (torchrun, CPU)"
-	@echo "    rank 0 serves http://127.0.0.1:$(DEMO_METRICS_PORT)/metrics, rank 1 http://127.0.0.1:$$(( $(DEMO_METRICS_PORT) + 1 ))/metrics"
-	UGRO_JOB_ID=demo UGRO_METRICS_PORT=$(DEMO_METRICS_PORT) \
-	  $(BIN)/torchrun --standalone --nproc-per-node 2 -m ugro.trainer.train --steps $(DEMO_STEPS)
+	$(BIN)/python -m ugro.trainer.demo --steps $(DEMO_STEPS) --port $(DEMO_METRICS_PORT)
 
 test: setup lint
 	$(BIN)/python -m pytest
