@@ -4,7 +4,8 @@ One model, one optimizer and one fixed set of batches are trained in alternating
 steps by three loops that differ only in their metrics:
 
 * ``bare``  — no metrics at all;
-* ``ugro``  — ``Telemetry.step()`` every step, its ``/metrics`` endpoint scraped every second;
+* ``ugro``  — ``Telemetry.step()`` and ``data_wait()`` every step, its ``/metrics`` endpoint
+  scraped every second;
 * ``naive`` — ``loss.item()`` / ``grad_norm.item()`` into prometheus_client gauges every step,
   its endpoint scraped the same way.
 
@@ -19,13 +20,13 @@ JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -157,9 +158,10 @@ def main() -> None:
     urls = {"bare": None, "ugro": telemetry.metrics_url, "naive": naive.url}
     position = 0
 
-    def train_step(record: Callable | None) -> None:
+    def train_step(variant: str) -> None:
         nonlocal position
-        inputs, targets = batches[position % len(batches)]
+        with data_timers[variant]():
+            inputs, targets = batches[position % len(batches)]
         position += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss = model(inputs, targets)
@@ -167,6 +169,7 @@ def main() -> None:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        record = recorders[variant]
         if record is not None:
             record(
                 loss=loss.detach(),
@@ -177,6 +180,11 @@ def main() -> None:
             )
 
     recorders = {"bare": None, "ugro": telemetry.step, "naive": naive.step}
+    data_timers = {
+        "bare": contextlib.nullcontext,
+        "ugro": telemetry.data_wait,
+        "naive": contextlib.nullcontext,
+    }
 
     def block(variant: str, steps: int) -> float:
         scraper.url = urls[variant]
@@ -184,7 +192,7 @@ def main() -> None:
             torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(recorders[variant])
+            train_step(variant)
         if use_cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - started) / steps

@@ -59,7 +59,11 @@ class FaultPlan:
         )
 
     def delay_seconds(self, step: int, rank: int, compute_seconds: float) -> float:
-        """Extra time that makes this rank's compute take ``slow_factor`` times as long."""
+        """Extra time that makes this rank's work take ``slow_factor`` times as long.
+
+        The trainer sleeps it while fetching the batch: a straggling input pipeline, which the
+        other ranks wait for in DDP's all-reduce.
+        """
         if rank != self.rank or step < self.slow_from:
             return 0.0
         return (self.slow_factor - 1.0) * compute_seconds

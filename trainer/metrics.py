@@ -99,6 +99,13 @@ class RankMetricsCollector:
             sum_value=stats.step_duration.total,
         )
 
+        if stats.data_wait_seconds is not None:
+            yield CounterMetricFamily(
+                "ugro_train_data_wait_seconds",
+                "Time the loop spent waiting for input batches (inside data_wait()), in seconds.",
+                value=stats.data_wait_seconds,
+            )
+
         if stats.last_step_timestamp is not None:
             yield GaugeMetricFamily(
                 "ugro_train_last_step_timestamp_seconds",

@@ -92,6 +92,7 @@ class RankStats:
     learning_rate: float | None = None
     step_duration: DurationHistogram = field(default_factory=DurationHistogram)
     last_step_timestamp: float | None = None
+    data_wait_seconds: float | None = None  # None until the loop times its data loading
     telemetry_errors: int = 0
 
     def copy(self) -> RankStats:
@@ -109,5 +110,6 @@ class RankStats:
                 self.step_duration.count,
             ),
             last_step_timestamp=self.last_step_timestamp,
+            data_wait_seconds=self.data_wait_seconds,
             telemetry_errors=self.telemetry_errors,
         )

@@ -160,6 +160,19 @@ class Telemetry:
         except Exception as error:  # the training loop must never see telemetry fail
             self._record_error("step", error)
 
+    def data_wait(self) -> DataWaitTimer:
+        """Time the wait for the next batch: ``with telemetry.data_wait(): batch = next(it)``.
+
+        Under synchronous DDP every rank steps at the pace of the slowest, so step times and
+        throughput look alike on all ranks; the time each rank spends waiting for its own input
+        is what singles out a straggling input pipeline.
+        """
+        return DataWaitTimer(self)
+
+    def _add_data_wait(self, seconds: float) -> None:
+        with self._lock:
+            self._stats.data_wait_seconds = (self._stats.data_wait_seconds or 0.0) + seconds
+
     def close(self) -> None:
         """Fold in what the device still owes (briefly), then stop serving. Safe to repeat."""
         if self._closed:
@@ -337,3 +350,22 @@ class Telemetry:
                 error,
                 exc_info=count == 1,
             )
+
+
+class DataWaitTimer:
+    """Adds the time spent inside its ``with`` block to ``ugro_train_data_wait_seconds_total``.
+
+    Exceptions from the block (a ``StopIteration`` from the loader, say) pass through unchanged.
+    """
+
+    __slots__ = ("_started", "_telemetry")
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._telemetry._add_data_wait(time.perf_counter() - self._started)

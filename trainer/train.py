@@ -4,7 +4,7 @@
 
 It trains on the Python standard library's source (offline on any machine) with AdamW, a warm-up
 plus cosine learning-rate schedule and gradient clipping, using gloo on CPU and NCCL on CUDA.
-The telemetry takes the three lines marked ``ugro:`` below. Fault flags make one rank diverge,
+The lines marked ``ugro`` below are all the telemetry takes. Fault flags make one rank diverge,
 straggle, hang or crash, for demos and alert tests.
 """
 
@@ -61,7 +61,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     faults = parser.add_argument_group("fault injection (one rank)")
     faults.add_argument("--fault-rank", type=int, default=0, help="the rank faults hit")
     faults.add_argument("--nonfinite-loss-from", type=int, metavar="STEP")
-    faults.add_argument("--slow-factor", type=float, default=1.0, help="compute takes F× longer")
+    faults.add_argument(
+        "--slow-factor",
+        type=float,
+        default=1.0,
+        help="the rank's input pipeline stalls so that its step's work takes F× as long",
+    )
     faults.add_argument("--slow-from", type=int, default=1, metavar="STEP")
     faults.add_argument("--hang-at", type=int, metavar="STEP")
     faults.add_argument("--crash-at", type=int, metavar="STEP")
@@ -161,18 +166,21 @@ def train(
     faults: FaultPlan = args.faults
 
     started = time.perf_counter()
+    compute_estimate = 0.0  # forward + backward of the previous step, from its forward time
     for step in range(1, args.steps + 1):
         faults.before_step(step, rank)
-        inputs, targets = batches.next()
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
+        with telemetry.data_wait():  # ugro (optional): what singles out a slow input pipeline
+            inputs, targets = batches.next()
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
+            delay = faults.delay_seconds(step, rank, compute_estimate)
+            if delay:
+                time.sleep(delay)  # a straggling input pipeline; the other ranks wait in DDP
 
         forward_started = time.perf_counter()
         loss = trained(inputs, targets)
+        compute_estimate = 3 * (time.perf_counter() - forward_started)
         if faults.poisons_loss(step, rank):
             loss = loss * float("nan")
-        delay = faults.delay_seconds(step, rank, 3 * (time.perf_counter() - forward_started))
-        if delay:
-            time.sleep(delay)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -186,10 +186,24 @@ def test_latest_reports_what_reached_the_host(registry):
     }
 
 
+def test_data_wait_accumulates_time_and_lets_loader_exceptions_through(registry, monkeypatch):
+    clock = iter([1.0, 1.25, 2.0, 2.5])
+    monkeypatch.setattr("ugro.trainer.telemetry.time.perf_counter", lambda: next(clock))
+    telemetry = offline(registry)
+    assert value(registry, "ugro_train_data_wait_seconds_total") is None  # not measured yet
+    with telemetry.data_wait():
+        pass
+    with pytest.raises(StopIteration), telemetry.data_wait():
+        next(iter([]))
+    assert value(registry, "ugro_train_data_wait_seconds_total") == 0.75
+
+
 def test_one_rank_exposes_at_most_40_series(registry):
     telemetry = offline(registry, total_steps=10)
-    telemetry.step(loss=1.0, tokens=1, samples=1, grad_norm=1.0, learning_rate=0.1)
-    telemetry.step(loss=1.0, tokens=1, samples=1, grad_norm=1.0, learning_rate=0.1)
+    for _ in range(2):
+        with telemetry.data_wait():
+            pass
+        telemetry.step(loss=1.0, tokens=1, samples=1, grad_norm=1.0, learning_rate=0.1)
     series = [s for family in registry.collect() for s in family.samples]
     # A CUDA rank adds one series (peak memory); keep headroom for it.
     assert len(series) + 1 <= 40, [s.name for s in series]

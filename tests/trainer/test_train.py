@@ -105,6 +105,13 @@ def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
             "15",
             "--log-every",
             "50",
+            # rank 1's input pipeline straggles for the last 40 steps
+            "--fault-rank",
+            "1",
+            "--slow-factor",
+            "3",
+            "--slow-from",
+            str(steps - 40),
             *SMALL_MODEL,
         ],
         trainer_env(base),
@@ -167,6 +174,11 @@ def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
         assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
             result.stdout + result.stderr
         )
+
+    # DDP keeps the ranks in lockstep, so both took every step; rank 1 alone spent the time
+    # waiting for its batches.
+    waits = [s[("ugro_train_data_wait_seconds_total", ())] for s in late]
+    assert waits[1] > 10 * waits[0], waits
 
     out, err = torchrun.communicate(timeout=60)
     assert torchrun.returncode == 0, err
