@@ -123,11 +123,19 @@ def telemetry_call_microseconds(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--reps", type=int, default=21, help="repetitions of the three blocks")
-    parser.add_argument("--block-steps", type=int, default=40, help="steps per timed block")
+    parser.add_argument("--reps", type=int, default=61, help="repetitions of the three blocks")
+    parser.add_argument("--block-steps", type=int, default=15, help="steps per timed block")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds")
     parser.add_argument("--batches", type=int, default=16, help="distinct batches, cycled")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1, what torchrun gives each rank of a multi-process "
+        "job; leaves a core for the HTTP server and the scraper rather than fighting over it)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -216,10 +224,16 @@ def main() -> None:
     call_us = telemetry_call_microseconds(telemetry, batch_size, tokens_per_step, optimizer, device)
     telemetry.close()
 
+    def paired_ratios(variant: str) -> list[float]:
+        return [t / b for t, b in zip(step_seconds[variant], step_seconds["bare"], strict=True)]
+
     def median_ratio(variant: str) -> float:
-        return statistics.median(
-            t / b for t, b in zip(step_seconds[variant], step_seconds["bare"], strict=True)
-        )
+        return statistics.median(paired_ratios(variant))
+
+    def quartiles(variant: str) -> list[float]:
+        """How noisy the machine was: the middle half of the paired ratios."""
+        q1, _, q3 = statistics.quantiles(paired_ratios(variant), n=4)
+        return [round(q1, 4), round(q3, 4)]
 
     device_name = torch.cuda.get_device_name(device) if use_cuda else platform.processor() or "cpu"
     result = {
@@ -235,6 +249,8 @@ def main() -> None:
         "step_ms_median": {v: round(statistics.median(step_seconds[v]) * 1e3, 3) for v in VARIANTS},
         "overhead_ratio": round(median_ratio("ugro"), 4),
         "naive_ratio": round(median_ratio("naive"), 4),
+        "overhead_ratio_quartiles": quartiles("ugro"),
+        "naive_ratio_quartiles": quartiles("naive"),
         "telemetry_step_call_us": round(call_us, 2),
         "telemetry_errors": telemetry.registry.get_sample_value(
             "ugro_train_telemetry_errors_total"
