@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from .support import sample_values, scrape
 
 
 @pytest.fixture(scope="session")
@@ -62,20 +64,6 @@ def free_port_block() -> Callable[[int], int]:
     return find
 
 
-def scrape(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read().decode()
-
-
-def sample_values(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by (name, sorted labels)."""
-    samples = {}
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
 @pytest.fixture
 def scrape_metrics() -> Callable[[str], str]:
     return scrape
@@ -84,3 +72,27 @@ def scrape_metrics() -> Callable[[str], str]:
 @pytest.fixture
 def parse_samples() -> Callable[[str], dict]:
     return sample_values
+
+
+@pytest.fixture
+def start_process() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Starts a command in its own process group; kills the group at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)

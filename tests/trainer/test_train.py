@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from ugro.trainer.faults import FaultPlan
+
+from ..support import wait_for
 
 BATCH, CONTEXT = 8, 32
 SMALL_MODEL = ["--batch-size", str(BATCH), "--context", str(CONTEXT), "--width", "64"]
@@ -35,43 +36,6 @@ def trainer_env(base_port: int, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def start_process() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Starts a command in its own process group; kills the group at teardown."""
-    started: list[subprocess.Popen] = []
-
-    def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        process = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=30)
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except OSError:  # endpoint not up yet
-            result = None
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def run_trainer(args: list[str], env: dict[str, str], timeout: float = 120):
