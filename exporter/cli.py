@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -65,6 +66,11 @@ def parse_listen(value: str) -> ListenAddress:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"--listen {value!r}: expected a port number 0..65535 after the colon")
     return ListenAddress(host or "0.0.0.0", int(port_text))
+
+
+def parse_mounts(value: str | None) -> list[str] | None:
+    """``--mounts /,/data`` as a list; None (every real filesystem) when not given."""
+    return [m for m in value.split(",") if m] if value else None
 
 
 def positive_seconds(value: str) -> float:
@@ -186,11 +192,10 @@ def build_exporter(args: argparse.Namespace) -> Exporter:
         unavailable = None
     except NvmlUnavailable as error:
         nvml, unavailable = None, error
-    mounts = [m for m in args.mounts.split(",") if m] if args.mounts else None
     return Exporter(
         node=args.node,
         gpu=GpuCollector(nvml, unavailable),
-        host=HostCollector(mountpoints=mounts),
+        host=HostCollector(mountpoints=parse_mounts(args.mounts)),
         poll_interval=args.poll_interval,
     )
 
@@ -205,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         listen = parse_listen(args.listen)
         if not args.node or any(ch.isspace() for ch in args.node):
             raise UsageError(f"--node {args.node!r}: expected a name without spaces")
+        for mount in parse_mounts(args.mounts) or []:
+            if not os.path.ismount(mount):
+                raise UsageError(f"--mounts: {mount!r} is not a mount point on this host")
     except UsageError as error:
         print(f"ugro-exporter: {error}", file=sys.stderr)
         return EXIT_USAGE

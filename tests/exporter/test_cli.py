@@ -45,6 +45,7 @@ def run_exporter(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
         (["--listen", "[nope]:9490"], "'nope' is not an IPv6 address"),
         (["--poll-interval", "0"], "expected 0.1 to 3600 seconds"),
         (["--node", "two words"], "--node 'two words'"),
+        (["--mounts", "/,/no/such/mount"], "--mounts: '/no/such/mount' is not a mount point"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )
