@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 SETUP_STAMP := $(VENV)/.installed
 
 # Debian packages the tests and the demo use, and the command each one provides.
-APT_PACKAGES := prometheus:promtool prometheus-node-exporter:prometheus-node-exporter
+APT_PACKAGES := prometheus:promtool prometheus-alertmanager:amtool prometheus-node-exporter:prometheus-node-exporter
 
 DEMO_METRICS_PORT ?= 9500
 DEMO_STEPS ?= 300

@@ -1,0 +1,1 @@
+"""ugro's alert rules: thresholds in ``thresholds.yml``, rules generated into ``rules.yml``."""
