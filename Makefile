@@ -12,7 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 SETUP_STAMP := $(VENV)/.installed
 
 # Debian packages the tests and the demo use, and the command each one provides.
-APT_PACKAGES := prometheus:promtool prometheus-alertmanager:amtool prometheus-node-exporter:prometheus-node-exporter
+# sshd and ip make the launcher tests' network-namespace nodes.
+APT_PACKAGES := prometheus:promtool prometheus-alertmanager:amtool \
+  prometheus-node-exporter:prometheus-node-exporter openssh-server:sshd iproute2:ip
 
 DEMO_METRICS_PORT ?= 9500
 DEMO_STEPS ?= 300
@@ -24,7 +26,8 @@ setup: system-packages $(SETUP_STAMP)
 system-packages:
 	@missing=""; \
 	for entry in $(APT_PACKAGES); do \
-	  command -v "$${entry#*:}" >/dev/null || missing="$$missing $${entry%%:*}"; \
+	  command -v "$${entry#*:}" >/dev/null || [ -x "/usr/sbin/$${entry#*:}" ] \
+	    || missing="$$missing $${entry%%:*}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "==> installing Debian packages:$$missing"; \

@@ -35,11 +35,11 @@ TRAINING = [
     Alert(
         "TrainingNonFiniteValues",
         "critical",
-        "increase(ugro_train_nonfinite_total[1m]) > 0",
+        "increase(ugro_train_nonfinite_total[$training_nonfinite_window]) > 0",
         "training.nonfinite_for",
         "A training rank produced a NaN or infinite loss or gradient norm",
         RANK + ": {{ $value | humanize }} step(s) with a non-finite {{ $labels.quantity }} "
-        "in the last minute.",
+        "in the last $training_nonfinite_window.",
     ),
     Alert(
         "TrainingLossSpike",

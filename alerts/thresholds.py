@@ -60,8 +60,12 @@ def load_thresholds(path: pathlib.Path = THRESHOLDS_FILE) -> Thresholds:
             raise ThresholdsError(f"{path}: {section}: expected a mapping of thresholds")
         for name, value in fields.items():
             key = f"{section}.{name}"
-            if name.endswith("_for"):
-                if not isinstance(value, str) or not _DURATION.match(value):
+            if name.endswith(("_for", "_window")):
+                if (
+                    not isinstance(value, str)
+                    or not _DURATION.match(value)
+                    or (name.endswith("_window") and value == "0")
+                ):
                     raise ThresholdsError(
                         f"{path}: {key}: expected a Prometheus duration such as 30s or 5m, "
                         f"got {value!r}"

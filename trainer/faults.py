@@ -15,6 +15,7 @@ from dataclasses import dataclass
 class FaultPlan:
     rank: int = 0
     nonfinite_loss_from: int | None = None
+    nonfinite_loss_steps: int | None = None  # None: every step from then on
     slow_factor: float = 1.0
     slow_from: int = 1
     hang_at: int | None = None
@@ -26,6 +27,10 @@ class FaultPlan:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: expected a step >= 1")
+        if self.nonfinite_loss_steps is not None and self.nonfinite_loss_steps < 1:
+            raise ValueError(
+                f"--nonfinite-loss-steps {self.nonfinite_loss_steps}: expected a count >= 1"
+            )
         if self.slow_factor < 1.0:
             raise ValueError(f"--slow-factor {self.slow_factor}: expected a factor >= 1")
         if self.slow_from < 1:
@@ -56,6 +61,10 @@ class FaultPlan:
             rank == self.rank
             and self.nonfinite_loss_from is not None
             and step >= self.nonfinite_loss_from
+            and (
+                self.nonfinite_loss_steps is None
+                or step < self.nonfinite_loss_from + self.nonfinite_loss_steps
+            )
         )
 
     def delay_seconds(self, step: int, rank: int, compute_seconds: float) -> float:

@@ -62,6 +62,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     faults.add_argument("--fault-rank", type=int, default=0, help="the rank faults hit")
     faults.add_argument("--nonfinite-loss-from", type=int, metavar="STEP")
     faults.add_argument(
+        "--nonfinite-loss-steps",
+        type=int,
+        metavar="N",
+        help="poison the loss for N steps only, then recover (default: until the end)",
+    )
+    faults.add_argument(
         "--slow-factor",
         type=float,
         default=1.0,
@@ -82,6 +88,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.faults = FaultPlan(
             rank=args.fault_rank,
             nonfinite_loss_from=args.nonfinite_loss_from,
+            nonfinite_loss_steps=args.nonfinite_loss_steps,
             slow_factor=args.slow_factor,
             slow_from=args.slow_from,
             hang_at=args.hang_at,
@@ -106,6 +113,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
         return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return multiplier
+
+
+def discard_nonfinite_gradients(model: torch.nn.Module) -> None:
+    """Zero NaN/Inf gradients so one bad batch does not poison the weights.
+
+    Under DDP the gradients are already averaged, so every rank zeroes the same entries and
+    the replicas stay identical. Unlike skipping the optimizer step, this needs no host sync.
+    """
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            torch.nan_to_num_(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -185,6 +203,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        discard_nonfinite_gradients(model)
         optimizer.step()
         schedule.step()
         # ugro: one call per optimizer step; tensors stay on the device, nothing syncs.
