@@ -56,6 +56,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/trainer_overhead.py
 	$(BIN)/python benchmarks/exporter_scrape.py
+	$(BIN)/python benchmarks/alert_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -198,6 +198,14 @@ def train(
         loss = trained(inputs, targets)
         compute_estimate = 3 * (time.perf_counter() - forward_started)
         if faults.poisons_loss(step, rank):
+            if not faults.poisons_loss(step - 1, rank):
+                # The alert-latency benchmark measures from this line's timestamp.
+                print(
+                    f"rank {rank}: injected non-finite loss at step {step} "
+                    f"(unix time {time.time():.3f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             loss = loss * float("nan")
 
         optimizer.zero_grad(set_to_none=True)

@@ -276,3 +276,49 @@ def test_slow_factor_stretches_only_the_chosen_rank():
     assert plan.delay_seconds(step=9, rank=1, compute_seconds=0.2) == 0
     with pytest.raises(ValueError, match=r"--slow-factor 0\.5"):
         FaultPlan(slow_factor=0.5)
+
+
+def test_bounded_nonfinite_fault_poisons_only_its_steps_on_its_rank():
+    plan = FaultPlan(rank=1, nonfinite_loss_from=5, nonfinite_loss_steps=3)
+    assert [step for step in range(1, 12) if plan.poisons_loss(step, rank=1)] == [5, 6, 7]
+    assert not any(plan.poisons_loss(step, rank=0) for step in range(1, 12))
+    unbounded = FaultPlan(rank=0, nonfinite_loss_from=5)
+    assert all(unbounded.poisons_loss(step, rank=0) for step in range(5, 500))
+    with pytest.raises(ValueError, match=r"--nonfinite-loss-steps 0: expected a count >= 1"):
+        FaultPlan(nonfinite_loss_from=5, nonfinite_loss_steps=0)
+
+
+def test_training_recovers_after_a_bounded_nonfinite_fault(
+    start_process, free_port_block, scrape_metrics, parse_samples
+):
+    # Non-finite gradients are zeroed, so the weights stay finite and later losses are too.
+    base = free_port_block(1)
+    start_process(
+        [
+            sys.executable,
+            "-m",
+            "ugro.trainer.train",
+            "--steps",
+            "12",
+            "--nonfinite-loss-from",
+            "3",
+            "--nonfinite-loss-steps",
+            "2",
+            "--linger",
+            "60",
+            *SMALL_MODEL,
+        ],
+        trainer_env(base),
+    )
+    url = f"http://127.0.0.1:{base}/metrics"
+    samples = wait_for(
+        lambda: (
+            (s := parse_samples(scrape_metrics(url)))[("ugro_train_steps_total", ())] == 12 and s
+        ),
+        60,
+        "12 steps",
+    )
+    assert samples[("ugro_train_nonfinite_total", (("quantity", "loss"),))] == 2
+    assert samples[("ugro_train_loss_count", ())] == 10
+    assert math.isfinite(samples[("ugro_train_loss_last", ())])
+    assert math.isfinite(samples[("ugro_train_grad_norm_last", ())])

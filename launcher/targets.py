@@ -1,0 +1,93 @@
+"""Prometheus file_sd target files: what should be scraped, written atomically.
+
+Layout under the targets directory (``prometheus/prometheus.yml`` reads both):
+``ranks/<job_id>.json``, one target per rank with labels ``job_id``, ``rank``, ``node``;
+``nodes/<node>.json``, the node's exporter with the label ``node``. Prometheus may read a file
+at any moment, so each is written to a temporary file in the same folder and renamed over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RankEndpoint:
+    host: str
+    port: int
+    rank: int
+    node: str
+
+
+def target_text(groups: list[dict]) -> str:
+    return json.dumps(groups, indent=2, sort_keys=True) + "\n"
+
+
+def rank_targets(job_id: str, endpoints: Iterable[RankEndpoint]) -> str:
+    return target_text(
+        [
+            {
+                "targets": [_address(e.host, e.port)],
+                "labels": {"job_id": job_id, "rank": str(e.rank), "node": e.node},
+            }
+            for e in sorted(endpoints, key=lambda e: e.rank)
+        ]
+    )
+
+
+def node_target(node: str, host: str, port: int) -> str:
+    return target_text([{"targets": [_address(host, port)], "labels": {"node": node}}])
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+class LocalTargets:
+    """Target files in a directory on this machine."""
+
+    def __init__(self, directory: str | pathlib.Path) -> None:
+        self.directory = pathlib.Path(directory).expanduser()
+
+    def job_file(self, job_id: str) -> pathlib.Path:
+        return self.directory / "ranks" / f"{job_id}.json"
+
+    def node_file(self, node: str) -> pathlib.Path:
+        return self.directory / "nodes" / f"{node}.json"
+
+    def register_job(self, job_id: str, endpoints: Iterable[RankEndpoint]) -> None:
+        write_atomically(self.job_file(job_id), rank_targets(job_id, endpoints))
+
+    def register_node(self, node: str, host: str, port: int) -> None:
+        write_atomically(self.node_file(node), node_target(node, host, port))
+
+    def remove_job(self, job_id: str) -> bool:
+        """Forget a job's ranks; True when there was something to remove."""
+        try:
+            self.job_file(job_id).unlink()
+        except FileNotFoundError:
+            return False
+        return True
