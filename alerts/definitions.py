@@ -31,11 +31,21 @@ class Alert:
     description: str  # Prometheus template: labels and a humanized value
 
 
+def new_events(counter: str, window: str) -> str:
+    """Events a counter counted within ``window``, exactly; a series that appeared already
+    above zero counts too (a first XID creates its series at 1; a NaN can precede the first
+    scrape). ``increase()`` would extrapolate to fractions and miss both of those."""
+    return (
+        f"(max_over_time({counter}[{window}]) - min_over_time({counter}[{window}]) > 0)"
+        f" or ({counter} > 0 unless {counter} offset {window})"
+    )
+
+
 TRAINING = [
     Alert(
         "TrainingNonFiniteValues",
         "critical",
-        "increase(ugro_train_nonfinite_total[$training_nonfinite_window]) > 0",
+        new_events("ugro_train_nonfinite_total", "$training_nonfinite_window"),
         "training.nonfinite_for",
         "A training rank produced a NaN or infinite loss or gradient norm",
         RANK + ": {{ $value | humanize }} step(s) with a non-finite {{ $labels.quantity }} "
@@ -63,9 +73,10 @@ TRAINING = [
     Alert(
         "TrainingStalled",
         "critical",
+        # The first step is not timed: until a second one, the mean is 0/0 and counts as 0.
         "(time() - ugro_train_last_step_timestamp_seconds) > clamp_min("
-        "$training_stall_step_multiple * job_rank:ugro_train_step_duration_seconds:mean, "
-        "$training_stall_min_seconds)",
+        "$training_stall_step_multiple * (job_rank:ugro_train_step_duration_seconds:mean >= 0"
+        " or ugro_train_last_step_timestamp_seconds * 0), $training_stall_min_seconds)",
         "training.stall_for",
         "A training rank is up but has stopped completing steps",
         RANK + ": no step completed for {{ $value | humanizeDuration }} although the rank "
@@ -98,8 +109,9 @@ TRAINING = [
         "Ranks of a training job are down: the job crashed or was killed",
         "{{ $value | humanize }} rank(s) of job {{ $labels.job_id }} stopped answering before "
         "the job finished: "
-        '{{ range query (printf "up{job=\\"ugro-ranks\\",job_id=\\"%s\\"} == 0" $labels.job_id) }}'
-        "rank {{ .Labels.rank }} on {{ .Labels.node }}; {{ end }}",
+        '{{ range $i, $rank := query (printf "up{job=\\"ugro-ranks\\",job_id=\\"%s\\"} == 0"'
+        ' $labels.job_id) | sortByLabel "rank" }}{{ if $i }}, {{ end }}'
+        "rank {{ $rank.Labels.rank }} on {{ $rank.Labels.node }}{{ end }}.",
     ),
     Alert(
         "TrainingGpuUtilizationLow",
@@ -150,7 +162,7 @@ GPU_ALERTS = [
     Alert(
         "GpuXidError",
         "critical",
-        "increase(ugro_gpu_xid_errors_total[5m]) > 0",
+        new_events("ugro_gpu_xid_errors_total", "5m"),
         "gpu.xid_for",
         "The driver reported an XID error on a GPU",
         GPU + " reported XID {{ $labels.xid }} ({{ $value | humanize }} in 5 minutes).",
@@ -158,7 +170,7 @@ GPU_ALERTS = [
     Alert(
         "GpuEccUncorrectable",
         "critical",
-        'increase(ugro_gpu_ecc_errors_total{type="uncorrected"}[5m]) > 0',
+        new_events('ugro_gpu_ecc_errors_total{type="uncorrected"}', "5m"),
         "gpu.ecc_uncorrectable_for",
         "A GPU had uncorrectable memory errors",
         GPU + " had {{ $value | humanize }} uncorrectable ECC error(s) in 5 minutes.",

@@ -36,6 +36,8 @@ class Thresholds:
         unknown = set(overrides) - set(self.values)
         if unknown:
             raise ThresholdsError(f"unknown threshold field(s): {', '.join(sorted(unknown))}")
+        for key, value in overrides.items():
+            check_value("override", key, value)
         return Thresholds(self.runbook_base_url, {**self.values, **overrides})
 
 
@@ -60,19 +62,23 @@ def load_thresholds(path: pathlib.Path = THRESHOLDS_FILE) -> Thresholds:
             raise ThresholdsError(f"{path}: {section}: expected a mapping of thresholds")
         for name, value in fields.items():
             key = f"{section}.{name}"
-            if name.endswith(("_for", "_window")):
-                if (
-                    not isinstance(value, str)
-                    or not _DURATION.match(value)
-                    or (name.endswith("_window") and value == "0")
-                ):
-                    raise ThresholdsError(
-                        f"{path}: {key}: expected a Prometheus duration such as 30s or 5m, "
-                        f"got {value!r}"
-                    )
-            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ThresholdsError(f"{path}: {key}: expected a number >= 0, got {value!r}")
-            elif name.endswith("_ratio") and value > 1:
-                raise ThresholdsError(f"{path}: {key}: expected a ratio in 0..1, got {value!r}")
+            check_value(str(path), key, value)
             values[key] = value
     return Thresholds(url, values)
+
+
+def check_value(where: str, key: str, value: Any) -> None:
+    """Raise ThresholdsError unless ``value`` suits the field ``key`` (``section.field``)."""
+    if key.endswith(("_for", "_window")):
+        if (
+            not isinstance(value, str)
+            or not _DURATION.match(value)
+            or (key.endswith("_window") and value == "0")
+        ):
+            raise ThresholdsError(
+                f"{where}: {key}: expected a Prometheus duration such as 30s or 5m, got {value!r}"
+            )
+    elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ThresholdsError(f"{where}: {key}: expected a number >= 0, got {value!r}")
+    elif key.endswith("_ratio") and value > 1:
+        raise ThresholdsError(f"{where}: {key}: expected a ratio in 0..1, got {value!r}")
