@@ -91,3 +91,26 @@ class LocalTargets:
         except FileNotFoundError:
             return False
         return True
+
+
+class RemoteTargets:
+    """Target files in a directory on the Prometheus host, written over SSH (SFTP + rename)."""
+
+    def __init__(self, directory: str, shell) -> None:  # shell: remote.SshShell
+        self.directory = directory.rstrip("/")
+        self.shell = shell
+
+    def job_file(self, job_id: str) -> str:
+        return f"{self.directory}/ranks/{job_id}.json"
+
+    def node_file(self, node: str) -> str:
+        return f"{self.directory}/nodes/{node}.json"
+
+    def register_job(self, job_id: str, endpoints: Iterable[RankEndpoint]) -> None:
+        self.shell.put_text(self.job_file(job_id), rank_targets(job_id, endpoints))
+
+    def register_node(self, node: str, host: str, port: int) -> None:
+        self.shell.put_text(self.node_file(node), node_target(node, host, port))
+
+    def remove_job(self, job_id: str) -> bool:
+        return self.shell.remove(self.job_file(job_id))

@@ -1,0 +1,318 @@
+"""ugro-launch: start a torchrun job on every node over SSH, and find, follow or stop it."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import re
+import sys
+import time
+
+import psutil
+
+from . import records
+from .inventory import Inventory, InventoryError, load_inventory
+from .launch import (
+    JobPlan,
+    LaunchError,
+    launch,
+    node_statuses,
+    plan_from_record,
+    replace_state,
+    stop_job,
+)
+from .nodes import NodeSet
+from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
+
+VERBS = ("run", "status", "stop", "logs", "list")
+DEFAULT_RDZV_PORT = 29500
+
+EPILOG = """\
+verbs:
+  run      (the default) preflight every node in parallel, start ugro-exporter where it is not
+           running, start torchrun on every node, register the ranks with Prometheus
+  status   [JOB]  per node: running, finished (exit 0), failed (exit code) or lost
+  stop     JOB    terminate the job's processes everywhere (SIGTERM, SIGKILL after 10 s) and
+                  remove its Prometheus targets; safe to repeat
+  logs     JOB    the end of a node's torchrun output (--node, --lines, --follow)
+  list            the jobs this machine launched, newest last
+
+the training command comes after --, as torchrun takes it:
+  ugro-launch -i cluster.yml --nodes gpu-a,gpu-b --nproc-per-node 8 -- -m ugro.trainer.train
+
+inventory (YAML; launcher/inventory.example.yml is a complete example):
+  defaults:
+    python: /opt/venv/bin/python   # the Python with ugro and torch, on every node
+    workdir: /var/tmp/ugro         # logs, pids and exit codes: WORKDIR/jobs/JOB/NODE/
+    exporter_port: 9490            # ugro-exporter on every node
+    metrics_base_port: 9500        # rank metrics: base + local rank
+    min_free_disk_gb: 1            # preflight wants this much free in workdir
+    user: train                    # SSH user, port and key for every node,
+    ssh_port: 22                   #   unless a node says otherwise
+    identity_file: ~/.ssh/id_ed25519
+    env: {NCCL_DEBUG: WARN}        # extra environment for torchrun and the ranks
+  prometheus:
+    targets_dir: /srv/ugro/prometheus/targets   # file_sd files: ranks/JOB.json, nodes/NODE.json
+    host: head-node                # omit when Prometheus runs on this machine
+    grafana_url: http://head-node:3000
+  nodes:
+    - {name: gpu-a, host: 10.0.0.11, gpus: 8}  # host localhost: run here, without SSH
+    - {name: gpu-b, host: 10.0.0.12, gpus: 8}
+
+SSH host keys are checked against ~/.ssh/known_hosts (--known-hosts); an unknown key is
+refused with its fingerprint unless --accept-new-host-keys is given. Jobs are recorded in
+$UGRO_STATE_DIR (default ~/.local/state/ugro/jobs).
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    else:
+        command = []
+    if not argv or argv[0] not in (*VERBS, "-h", "--help"):
+        argv.insert(0, "run")
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args, command)
+    except (UsageError, InventoryError, records.RecordError) as error:
+        print(f"ugro-launch: {error}", file=sys.stderr)
+        return 2
+    except (LaunchError, RemoteError) as error:
+        print(f"ugro-launch: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ugro-launch: interrupted", file=sys.stderr)
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="ugro-launch",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = top.add_subparsers(dest="verb", metavar="VERB")
+
+    ssh = argparse.ArgumentParser(add_help=False)
+    ssh.add_argument(
+        "--known-hosts",
+        type=pathlib.Path,
+        default=DEFAULT_KNOWN_HOSTS,
+        help="known_hosts file the nodes' SSH host keys are checked against",
+    )
+    ssh.add_argument(
+        "--accept-new-host-keys",
+        action="store_true",
+        help="accept and remember the key of a host not yet in known_hosts (never a changed one)",
+    )
+
+    run = verbs.add_parser("run", parents=[ssh], help="start a job (the default verb)")
+    run.add_argument("-i", "--inventory", type=pathlib.Path, required=True)
+    run.add_argument("--job-id", help="default: the command's name and the time")
+    run.add_argument("--nodes", help="comma-separated node names (default: every node)")
+    run.add_argument("--nproc-per-node", type=int, default=1, help="ranks per node (default 1)")
+    run.add_argument(
+        "--rdzv-port",
+        type=int,
+        default=DEFAULT_RDZV_PORT,
+        help=f"torchrun's port on the first node (default {DEFAULT_RDZV_PORT})",
+    )
+    run.add_argument(
+        "--wait", action="store_true", help="wait for the job to end; exit 0 if it finished"
+    )
+    run.set_defaults(handler=run_job)
+
+    status = verbs.add_parser("status", parents=[ssh], help="where a job stands, per node")
+    status.add_argument("job_id", nargs="?")
+    status.set_defaults(handler=show_status)
+
+    stop = verbs.add_parser("stop", parents=[ssh], help="stop a job and remove its targets")
+    stop.add_argument("job_id")
+    stop.set_defaults(handler=stop_command)
+
+    logs = verbs.add_parser("logs", parents=[ssh], help="a node's torchrun output")
+    logs.add_argument("job_id")
+    logs.add_argument("--node", help="default: the job's first node")
+    logs.add_argument("--lines", type=int, default=100)
+    logs.add_argument("--follow", "-f", action="store_true")
+    logs.set_defaults(handler=show_logs)
+
+    listing = verbs.add_parser("list", help="the jobs launched from this machine")
+    listing.set_defaults(handler=list_jobs)
+    return top
+
+
+def ssh_options(args: argparse.Namespace) -> SshOptions:
+    return SshOptions(args.known_hosts, args.accept_new_host_keys)
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventory) -> JobPlan:
+    if not command:
+        raise UsageError(
+            "no training command: give it after --, as torchrun takes it, "
+            "e.g. -- -m ugro.trainer.train --steps 100"
+        )
+    if not 1 <= args.nproc_per_node <= 64:
+        raise UsageError(f"--nproc-per-node {args.nproc_per_node}: expected 1..64")
+    if not 1 <= args.rdzv_port <= 65535:
+        raise UsageError(f"--rdzv-port {args.rdzv_port}: expected a port in 1..65535")
+    last_port = inventory.defaults.metrics_base_port + args.nproc_per_node - 1
+    if last_port > 65535:
+        raise UsageError(
+            f"{inventory.path}: defaults.metrics_base_port "
+            f"{inventory.defaults.metrics_base_port} + {args.nproc_per_node} ranks passes 65535"
+        )
+    job_id = args.job_id if args.job_id is not None else default_job_id(command)
+    if not records.JOB_ID.match(job_id):
+        raise UsageError(f"--job-id {job_id!r}: expected {records.JOB_ID_EXPECTED}")
+    if args.nodes:
+        names = [name.strip() for name in args.nodes.split(",") if name.strip()]
+        nodes = tuple(inventory.node(name) for name in names)
+        if len(set(names)) != len(names):
+            raise UsageError(f"--nodes {args.nodes!r}: a node is named twice")
+    else:
+        nodes = inventory.nodes
+    return JobPlan(job_id, inventory, nodes, args.nproc_per_node, tuple(command), args.rdzv_port)
+
+
+def default_job_id(command: list[str]) -> str:
+    """``train-20261123-124501`` from ``-m ugro.trainer.train ...`` or ``train.py ...``."""
+    program = command[1] if command[0] == "-m" and len(command) > 1 else command[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", program.rsplit(".", 1)[-1].rsplit("/", 1)[-1])
+    if program.endswith(".py"):
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", pathlib.Path(program).stem)
+    stem = stem.strip("-_")[:64] or "job"
+    return f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_job(args: argparse.Namespace, command: list[str]) -> int:
+    inventory = load_inventory(args.inventory)
+    plan = build_plan(args, command, inventory)
+    print(
+        f"launching {plan.job_id}: {len(plan.nodes)} node(s) × {plan.nproc_per_node} "
+        f"= {plan.world_size} rank(s)",
+        flush=True,
+    )
+    record = launch(plan, ssh_options(args), lambda line: print(line, flush=True))
+    endpoints = plan.rank_endpoints()
+    print(f"job {plan.job_id} started on {', '.join(n.name for n in plan.nodes)}")
+    print(f"  rank metrics  http://{endpoints[0].host}:{endpoints[0].port}/metrics (rank 0)"
+          f"{f' … {len(endpoints)} endpoints' if len(endpoints) > 1 else ''}")  # fmt: skip
+    if inventory.prometheus.grafana_url:
+        print(f"  Grafana       {inventory.prometheus.grafana_url}/d/ugro-training"
+              f"?var-job_id={plan.job_id}")  # fmt: skip
+    print(f"  status        ugro-launch status {plan.job_id}")
+    print(f"  logs          ugro-launch logs {plan.job_id} --follow")
+    print(f"  stop          ugro-launch stop {plan.job_id}")
+    if not args.wait:
+        return 0
+    while (record := records.load_record(plan.job_id)).state == records.RUNNING:
+        time.sleep(1)
+    print(f"job {plan.job_id}: {record.state}")
+    return 0 if record.state == records.FINISHED else 1
+
+
+# -- status, stop, logs, list ----------------------------------------------------------------
+
+
+def show_status(args: argparse.Namespace, command: list[str]) -> int:
+    if args.job_id is None:
+        return list_jobs(args, command)
+    record = records.load_record(args.job_id)
+    plan = plan_from_record(record, load_inventory(record.inventory))
+    with NodeSet(plan.inventory, plan.nodes, ssh_options(args)) as nodes:
+        answers = node_statuses(plan, nodes)
+    print(f"job {record.job_id}: {record.state} (started {_when(record.started_at)})")
+    for node in plan.nodes:
+        answer = answers[node.name]
+        if isinstance(answer, Exception):
+            print(f"  {node.name:<16} unreachable: {answer}")
+            continue
+        state = answer.get("state", "?")
+        detail = "" if answer.get("exit_code") is None else f" (exit code {answer['exit_code']})"
+        print(f"  {node.name:<16} {state}{detail}")
+    return 0
+
+
+def stop_command(args: argparse.Namespace, command: list[str]) -> int:
+    record = records.load_record(args.job_id)
+    plan = plan_from_record(record, load_inventory(record.inventory))
+    if record.state == records.RUNNING:
+        record = replace_state(record, state=records.STOPPED, ended_at=time.time())
+    stop_watcher(record)
+    results = stop_job(plan, ssh_options(args))
+    failed = False
+    for name, result in results.items():
+        if isinstance(result, Exception):
+            failed = True
+            print(f"  {name:<16} NOT stopped: {result}")
+        else:
+            print(f"  {name:<16} {result.get('state')}")
+    print(f"job {record.job_id}: targets removed" + (", some nodes not stopped" if failed else ""))
+    return 1 if failed else 0
+
+
+def stop_watcher(record: records.JobRecord) -> None:
+    """End the job's watcher, if it still runs (it would notice the stop within seconds)."""
+    if record.watcher_pid is None:
+        return
+    try:
+        process = psutil.Process(record.watcher_pid)
+        if "ugro.launcher.watch" in process.cmdline() and record.job_id in process.cmdline():
+            process.terminate()
+    except psutil.Error:
+        pass
+
+
+def show_logs(args: argparse.Namespace, command: list[str]) -> int:
+    record = records.load_record(args.job_id)
+    plan = plan_from_record(record, load_inventory(record.inventory))
+    node = plan.inventory.node(args.node) if args.node else plan.nodes[0]
+    if node.name not in record.nodes:
+        raise UsageError(
+            f"--node {node.name}: job {record.job_id} ran on {', '.join(record.nodes)}"
+        )
+    if args.lines < 0:
+        raise UsageError(f"--lines {args.lines}: expected a count >= 0")
+    with NodeSet(plan.inventory, [node], ssh_options(args)) as nodes:
+        argv = nodes.agent_argv(
+            "logs",
+            f"--job-id={record.job_id}",
+            f"--node={node.name}",
+            f"--workdir={plan.inventory.defaults.workdir}",
+            f"--lines={args.lines}",
+            *(["--follow"] if args.follow else []),
+        )
+        return nodes.shells[node.name].stream(argv)
+
+
+def list_jobs(args: argparse.Namespace, command: list[str]) -> int:
+    jobs = records.all_records()
+    if not jobs:
+        print(f"no jobs recorded in {records.state_dir()}")
+        return 0
+    print(f"{'job':<40} {'state':<9} {'started':<19} nodes × ranks per node")
+    for job in jobs:
+        print(f"{job.job_id:<40} {job.state:<9} {_when(job.started_at):<19} "
+              f"{','.join(job.nodes)} × {job.nproc_per_node}")  # fmt: skip
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The inventory: which nodes a job may use and how to reach them, loaded into typed objects.
+
+Every error names the file, the field (``nodes[1].host``) and what was expected, so a typo
+fails before anything is started anywhere. Values that end up in remote shell commands are
+checked against strict patterns here and quoted again where they are used.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DEFAULT_EXPORTER_PORT = 9490
+DEFAULT_METRICS_BASE_PORT = 9500
+DEFAULT_SSH_PORT = 22
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")  # DNS name, IPv4 or IPv6
+USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class InventoryError(ValueError):
+    """The inventory file is missing, malformed, or has a field with a bad value."""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str
+    ssh_port: int
+    user: str | None
+    identity_file: str | None
+    gpus: int | None  # None: not declared, so preflight does not check it
+
+    @property
+    def is_local(self) -> bool:
+        """A node on this machine runs its commands without SSH."""
+        return self.host in LOCAL_HOSTS
+
+
+@dataclass(frozen=True)
+class Defaults:
+    python: str  # the Python with ugro installed, on every node
+    workdir: str  # logs, process ids and exit codes of each job, on every node
+    exporter_port: int
+    metrics_base_port: int
+    min_free_disk_bytes: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrometheusTargets:
+    targets_dir: str  # where the file_sd target files go
+    host: str | None  # None: a local directory; else the host that holds it (over SSH)
+    ssh_port: int
+    user: str | None
+    grafana_url: str | None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: pathlib.Path
+    nodes: tuple[Node, ...]
+    defaults: Defaults
+    prometheus: PrometheusTargets
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise InventoryError(f"{self.path}: no node named {name!r} (known: {known})")
+
+
+class _Fields:
+    """Reads one mapping of the file, naming ``where`` in every error."""
+
+    def __init__(self, path: pathlib.Path, where: str, data: Any, allowed: set[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise InventoryError(f"{path}: {where}: expected a mapping")
+        unknown = set(data) - allowed
+        if unknown:
+            raise InventoryError(
+                f"{path}: {where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+                f"expected some of {', '.join(sorted(allowed))}"
+            )
+        self.path, self.where, self.data = path, where, data
+
+    def _error(self, name: str, expected: str, value: Any) -> InventoryError:
+        return InventoryError(
+            f"{self.path}: {self.where}.{name}: expected {expected}, got {value!r}"
+        )
+
+    def text(self, name: str, pattern: re.Pattern[str], expected: str, default: Any = ...) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise InventoryError(f"{self.path}: {self.where}.{name}: missing ({expected})")
+            return default
+        value = self.data[name]
+        if not isinstance(value, str) or not pattern.match(value):
+            raise self._error(name, expected, value)
+        return value
+
+    def integer(self, name: str, low: int, high: int, default: Any = ...) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise InventoryError(f"{self.path}: {self.where}.{name}: missing")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self._error(name, f"an integer in {low}..{high}", value)
+        return value
+
+    def path_text(self, name: str, default: Any = ...) -> Any:
+        """An absolute path (or ~/...) without characters that would need shell care."""
+        return self.text(name, _SAFE_PATH, "an absolute path of plain characters", default)
+
+
+_SAFE_PATH = re.compile(r"^(/|~/)[A-Za-z0-9._+/@-]*$")
+_URL = re.compile(r"^https?://[^\s'\"`$\\]+$")
+
+
+def load_inventory(path: str | pathlib.Path) -> Inventory:
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise InventoryError(f"{path}: cannot read the inventory: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise InventoryError(f"{path}: not valid YAML: {error}") from error
+
+    top = _Fields(path, "inventory", data, {"defaults", "prometheus", "nodes"})
+    defaults = _load_defaults(path, top.data.get("defaults", {}))
+    prometheus = _load_prometheus(path, top.data.get("prometheus"))
+    raw_nodes = top.data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise InventoryError(f"{path}: nodes: expected a non-empty list of nodes")
+    nodes = tuple(_load_node(path, i, raw, top.data.get("defaults", {})) for i, raw in
+                  enumerate(raw_nodes))  # fmt: skip
+    names = [n.name for n in nodes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InventoryError(f"{path}: nodes: duplicate name(s) {', '.join(duplicates)}")
+    return Inventory(path, nodes, defaults, prometheus)
+
+
+def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
+    fields = _Fields(
+        path,
+        "defaults",
+        data,
+        {
+            "python", "workdir", "exporter_port", "metrics_base_port", "env", "user",
+            "ssh_port", "identity_file", "min_free_disk_gb",
+        },
+    )  # fmt: skip
+    env = fields.data.get("env", {})
+    if not isinstance(env, Mapping):
+        raise InventoryError(f"{path}: defaults.env: expected a mapping of NAME: value")
+    for name, value in env.items():
+        if not isinstance(name, str) or not ENV_NAME.match(name):
+            raise InventoryError(f"{path}: defaults.env: {name!r} is not an environment name")
+        if not isinstance(value, str | int | float) or "\n" in str(value):
+            raise InventoryError(f"{path}: defaults.env.{name}: expected a one-line value")
+    min_free_gb = fields.integer("min_free_disk_gb", 0, 1_000_000, 1)
+    return Defaults(
+        python=fields.path_text("python", "/usr/bin/python3"),
+        workdir=fields.path_text("workdir", "/tmp/ugro"),
+        exporter_port=fields.integer("exporter_port", 1, 65535, DEFAULT_EXPORTER_PORT),
+        metrics_base_port=fields.integer("metrics_base_port", 1, 65535, DEFAULT_METRICS_BASE_PORT),
+        min_free_disk_bytes=min_free_gb * 1024**3,
+        env={str(k): str(v) for k, v in env.items()},
+    )
+
+
+def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str, Any]) -> Node:
+    where = f"nodes[{index}]"
+    fields = _Fields(path, where, data, {"name", "host", "ssh_port", "user", "identity_file",
+                                         "gpus"})  # fmt: skip
+    name = fields.text("name", NAME, "a node name of letters, digits, '.', '_' or '-'")
+    inherited = _Fields(path, "defaults", defaults, set(defaults))
+    return Node(
+        name=name,
+        host=fields.text("host", HOST, "a host name or IP address"),
+        ssh_port=fields.integer(
+            "ssh_port", 1, 65535, inherited.integer("ssh_port", 1, 65535, DEFAULT_SSH_PORT)
+        ),
+        user=fields.text("user", USER, "a user name", inherited.text("user", USER, "a user", None)),
+        identity_file=fields.path_text("identity_file", inherited.path_text("identity_file", None)),
+        gpus=fields.integer("gpus", 0, 64, None),
+    )
+
+
+def _load_prometheus(path: pathlib.Path, data: Any) -> PrometheusTargets:
+    if data is None:
+        raise InventoryError(
+            f"{path}: prometheus: missing; expected at least prometheus.targets_dir, the folder "
+            "Prometheus reads file_sd targets from"
+        )
+    fields = _Fields(path, "prometheus", data, {"targets_dir", "host", "ssh_port", "user",
+                                                "grafana_url"})  # fmt: skip
+    return PrometheusTargets(
+        targets_dir=fields.path_text("targets_dir"),
+        host=fields.text("host", HOST, "a host name or IP address", None),
+        ssh_port=fields.integer("ssh_port", 1, 65535, DEFAULT_SSH_PORT),
+        user=fields.text("user", USER, "a user name", None),
+        grafana_url=fields.text("grafana_url", _URL, "an http(s) URL", None),
+    )

@@ -1,0 +1,320 @@
+"""Starting, watching and stopping one job on its nodes.
+
+A launch is: preflight every node (in parallel) → make sure every node's ugro-exporter runs →
+start torchrun on every node (static rendezvous on the first node, so rank numbers follow
+node order) → register the rank and exporter endpoints with Prometheus → save the job record
+and start its watcher. If any step fails, what was started is stopped again and the job's
+targets are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import records
+from .inventory import Inventory, Node
+from .nodes import AgentError, NodeSet
+from .remote import RemoteError, SshOptions, SshShell
+from .targets import LocalTargets, RankEndpoint, RemoteTargets
+
+Print = Callable[[str], None]
+STOP_GRACE_SECONDS = 10.0
+
+
+class LaunchError(RuntimeError):
+    """The launch did not happen; the message says why, per node where it applies."""
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    job_id: str
+    inventory: Inventory
+    nodes: tuple[Node, ...]
+    nproc_per_node: int
+    command: tuple[str, ...]  # what torchrun runs: ("-m", "module", ...) or ("train.py", ...)
+    rdzv_port: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.nodes) * self.nproc_per_node
+
+    def metrics_ports(self) -> list[int]:
+        base = self.inventory.defaults.metrics_base_port
+        return list(range(base, base + self.nproc_per_node))
+
+    def rank_endpoints(self) -> list[RankEndpoint]:
+        return [
+            RankEndpoint(node.host, port, node_rank * self.nproc_per_node + local_rank, node.name)
+            for node_rank, node in enumerate(self.nodes)
+            for local_rank, port in enumerate(self.metrics_ports())
+        ]
+
+    def torchrun_argv(self, node_rank: int) -> list[str]:
+        return [
+            self.inventory.defaults.python,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={len(self.nodes)}",
+            f"--nproc-per-node={self.nproc_per_node}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={self.nodes[0].host}",
+            f"--master-port={self.rdzv_port}",
+            *self.command,
+        ]
+
+    def environment(self, node: Node) -> dict[str, str]:
+        return {
+            **self.inventory.defaults.env,
+            "UGRO_JOB_ID": self.job_id,
+            "UGRO_NODE": node.name,
+            "UGRO_METRICS_PORT": str(self.inventory.defaults.metrics_base_port),
+        }
+
+
+def targets_for(inventory: Inventory, options: SshOptions) -> LocalTargets | RemoteTargets:
+    """Where Prometheus reads its file_sd targets: here, or on its host over SSH."""
+    config = inventory.prometheus
+    if config.host is None or Node(config.host, config.host, 22, None, None, None).is_local:
+        return LocalTargets(config.targets_dir)
+    host = Node("prometheus", config.host, config.ssh_port, config.user, None, None)
+    return RemoteTargets(config.targets_dir, SshShell(host, options))
+
+
+# -- preflight ------------------------------------------------------------------------------
+
+
+def preflight(plan: JobPlan, nodes: NodeSet) -> dict[str, dict[str, Any] | Exception]:
+    defaults = plan.inventory.defaults
+
+    def check(node: Node) -> dict[str, Any]:
+        ports = plan.metrics_ports()
+        if node == plan.nodes[0]:
+            ports.append(plan.rdzv_port)
+        args = [
+            f"--workdir={defaults.workdir}",
+            f"--ports={','.join(map(str, ports))}",
+            f"--min-free-bytes={defaults.min_free_disk_bytes}",
+        ]
+        if node.gpus is not None:
+            args.append(f"--gpus={node.gpus}")
+        return nodes.agent(node, "preflight", *args, timeout=60)
+
+    return nodes.each(check)
+
+
+def preflight_table(results: dict[str, dict[str, Any] | Exception], nodes: list[Node]) -> str:
+    rows = [("node", "host", "check", "GPUs", "free disk", "details")]
+    for node in nodes:
+        result = results[node.name]
+        if isinstance(result, Exception):
+            rows.append((node.name, node.host, "FAILED", "-", "-", str(result)))
+            continue
+        free = result.get("workdir_free_bytes")
+        rows.append(
+            (
+                node.name,
+                node.host,
+                "FAILED" if result.get("problems") else "ok",
+                "-" if result.get("gpus") is None else str(result["gpus"]),
+                "-" if free is None else f"{free / 1024**3:.1f} GB",
+                "; ".join(result.get("problems") or []) or f"torch {result.get('torch_version')}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]])
+        for row in rows
+    )
+
+
+def failed_nodes(results: dict[str, dict[str, Any] | Exception]) -> list[str]:
+    return [
+        name
+        for name, result in results.items()
+        if isinstance(result, Exception) or result.get("problems")
+    ]
+
+
+# -- launch ---------------------------------------------------------------------------------
+
+
+def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
+    if records.record_path(plan.job_id).exists():
+        raise LaunchError(
+            f"job {plan.job_id!r} already exists ({records.record_path(plan.job_id)}); choose "
+            "another --job-id, or `ugro-launch stop` it first"
+        )
+    targets = targets_for(plan.inventory, options)
+    with NodeSet(plan.inventory, plan.nodes, options) as nodes:
+        checks = preflight(plan, nodes)
+        say(preflight_table(checks, list(plan.nodes)))
+        bad = failed_nodes(checks)
+        if bad:
+            raise LaunchError(f"preflight failed on {', '.join(bad)}: nothing was started")
+
+        exporters = nodes.each(lambda node: _ensure_exporter(plan, nodes, node))
+        problems = {name: r for name, r in exporters.items() if isinstance(r, Exception)}
+        if problems:
+            raise LaunchError(_per_node("ugro-exporter could not be started", problems))
+
+        started = nodes.each(lambda node: _start(plan, nodes, node))
+        problems = {name: r for name, r in started.items() if isinstance(r, Exception)}
+        if problems:
+            stop_nodes(plan, nodes, [n for n in plan.nodes if n.name not in problems])
+            raise LaunchError(
+                _per_node("torchrun could not be started", problems)
+                + "\nthe job was stopped on the other nodes"
+            )
+
+        try:
+            for node in plan.nodes:
+                targets.register_node(node.name, node.host, plan.inventory.defaults.exporter_port)
+            targets.register_job(plan.job_id, plan.rank_endpoints())
+        except (OSError, RemoteError) as error:
+            stop_nodes(plan, nodes, list(plan.nodes))
+            _remove_targets(targets, plan.job_id)
+            raise LaunchError(
+                f"cannot write Prometheus targets in {plan.inventory.prometheus.targets_dir}: "
+                f"{error}; the job was stopped"
+            ) from error
+
+    record = records.JobRecord(
+        job_id=plan.job_id,
+        inventory=str(plan.inventory.path.resolve()),
+        nodes=[node.name for node in plan.nodes],
+        nproc_per_node=plan.nproc_per_node,
+        command=list(plan.command),
+        rdzv_port=plan.rdzv_port,
+        started_at=time.time(),
+        node_states={name: result for name, result in started.items()},
+    )
+    record.save()
+    record.watcher_pid = start_watcher(record, options)
+    record.save()
+    return record
+
+
+def _ensure_exporter(plan: JobPlan, nodes: NodeSet, node: Node) -> dict[str, Any]:
+    answer = nodes.agent(
+        node,
+        "ensure-exporter",
+        f"--port={plan.inventory.defaults.exporter_port}",
+        f"--node={node.name}",
+        f"--workdir={plan.inventory.defaults.workdir}",
+    )
+    if answer.get("state") not in ("running", "started"):
+        raise AgentError(f"{node.name}: {answer.get('reason', answer)}")
+    return answer
+
+
+def _start(plan: JobPlan, nodes: NodeSet, node: Node) -> dict[str, Any]:
+    env = [f"--env={name}={value}" for name, value in plan.environment(node).items()]
+    answer = nodes.agent(
+        node,
+        "start",
+        f"--job-id={plan.job_id}",
+        f"--node={node.name}",
+        f"--workdir={plan.inventory.defaults.workdir}",
+        *env,
+        "--",
+        *plan.torchrun_argv(plan.nodes.index(node)),
+    )
+    if answer.get("state") != "started":
+        raise AgentError(f"{node.name}: {answer.get('reason', answer)}")
+    return answer
+
+
+def stop_nodes(plan: JobPlan, nodes: NodeSet, which: list[Node]) -> dict[str, Any]:
+    def stop(node: Node) -> dict[str, Any]:
+        return nodes.agent(
+            node,
+            "stop",
+            f"--job-id={plan.job_id}",
+            f"--node={node.name}",
+            f"--workdir={plan.inventory.defaults.workdir}",
+            f"--grace={STOP_GRACE_SECONDS}",
+            timeout=STOP_GRACE_SECONDS + 60,
+        )
+
+    return nodes.each(stop, which)
+
+
+def _remove_targets(targets: LocalTargets | RemoteTargets, job_id: str) -> None:
+    # Reported by the caller's error; `ugro-launch stop` can be repeated.
+    with contextlib.suppress(OSError, RemoteError):
+        targets.remove_job(job_id)
+
+
+def _per_node(what: str, problems: dict[str, Exception]) -> str:
+    lines = [f"{what} on {', '.join(problems)}:"]
+    lines += [f"  {error}" for error in problems.values()]
+    return "\n".join(lines)
+
+
+# -- after the launch -----------------------------------------------------------------------
+
+
+def start_watcher(record: records.JobRecord, options: SshOptions) -> int:
+    """A detached local process that follows the job to its end (see watch.py)."""
+    log = records.state_dir() / f"{record.job_id}.watch.log"
+    args = [sys.executable, "-m", "ugro.launcher.watch", record.job_id]
+    args += [f"--known-hosts={options.known_hosts}"]
+    if options.accept_new_host_keys:
+        args.append("--accept-new-host-keys")
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "UGRO_STATE_DIR": str(records.state_dir())},
+        )
+    return process.pid
+
+
+def node_statuses(
+    plan: JobPlan, nodes: NodeSet
+) -> dict[str, dict[str, Any] | Exception]:  # per node: the agent's status answer
+    return nodes.each(
+        lambda node: nodes.agent(
+            node,
+            "status",
+            f"--job-id={plan.job_id}",
+            f"--node={node.name}",
+            f"--workdir={plan.inventory.defaults.workdir}",
+        )
+    )
+
+
+def stop_job(plan: JobPlan, options: SshOptions) -> dict[str, dict[str, Any] | Exception]:
+    """Stop the job everywhere and forget its targets; safe to repeat."""
+    with NodeSet(plan.inventory, plan.nodes, options) as nodes:
+        results = stop_nodes(plan, nodes, list(plan.nodes))
+    targets_for(plan.inventory, options).remove_job(plan.job_id)
+    return results
+
+
+def plan_from_record(record: records.JobRecord, inventory: Inventory) -> JobPlan:
+    return JobPlan(
+        job_id=record.job_id,
+        inventory=inventory,
+        nodes=tuple(inventory.node(name) for name in record.nodes),
+        nproc_per_node=record.nproc_per_node,
+        command=tuple(record.command),
+        rdzv_port=record.rdzv_port,
+    )
+
+
+def replace_state(record: records.JobRecord, **changes: Any) -> records.JobRecord:
+    updated = dataclasses.replace(record, **changes)
+    updated.save()
+    return updated

@@ -1,0 +1,259 @@
+"""ugro-launch against real sshd "nodes" (network namespaces), real torchrun and Prometheus."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from tests.alerts.stack import AlertStack
+from tests.support import wait_for
+
+SMALL_TRAINER = [
+    *("-m", "ugro.trainer.train", "--steps", "1000000"),
+    *("--width", "64", "--depth", "1", "--batch-size", "8", "--context", "32"),
+]
+LAUNCH = [sys.executable, "-m", "ugro.launcher.cli"]
+
+
+class Launcher:
+    """Runs ugro-launch as a user would, against an inventory of the cluster's nodes."""
+
+    def __init__(self, workdir: pathlib.Path, cluster, targets_dir: pathlib.Path) -> None:
+        self.cluster = cluster
+        self.state_dir = workdir / "state"
+        self.targets_dir = targets_dir
+        self.inventory = workdir / "inventory.yml"
+        self.known_hosts = cluster.known_hosts
+        self.inventory.write_text(
+            yaml.safe_dump(
+                {
+                    "defaults": {
+                        "python": sys.executable,
+                        "workdir": str(workdir / "nodes"),
+                        "user": "root",
+                        "identity_file": str(cluster.client_key),
+                        "min_free_disk_gb": 0,
+                        "env": {"OMP_NUM_THREADS": "1"},
+                    },
+                    "prometheus": {"targets_dir": str(targets_dir)},
+                    "nodes": [{"name": node.name, "host": node.address} for node in cluster.nodes],
+                }
+            )
+        )
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        verb_args = list(args)
+        if "--" in verb_args:
+            split = verb_args.index("--")
+            head, tail = verb_args[:split], verb_args[split:]
+        else:
+            head, tail = verb_args, []
+        if head and head[0] in ("status", "stop", "logs"):
+            head += [f"--known-hosts={self.known_hosts}"]
+        return subprocess.run(
+            [*LAUNCH, *head, *tail],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "UGRO_STATE_DIR": str(self.state_dir)},
+        )
+
+    def run(self, job_id: str, *extra: str, command=SMALL_TRAINER, nproc: int = 2):
+        return self(
+            "run",
+            f"--inventory={self.inventory}",
+            f"--known-hosts={self.known_hosts}",
+            f"--job-id={job_id}",
+            f"--nproc-per-node={nproc}",
+            *extra,
+            "--",
+            *command,
+        )
+
+    def record(self, job_id: str) -> dict:
+        return json.loads((self.state_dir / f"{job_id}.json").read_text())
+
+    def kill_watchers(self) -> None:
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if "ugro.launcher.watch" in cmdline and any(
+                str(self.state_dir) in part for part in process.environ().values()
+            ):
+                process.kill()
+
+
+def job_processes(cluster, job_id: str) -> list:
+    """Every process on any node whose command line or environment belongs to the job."""
+    found = []
+    for node in cluster.nodes:
+        for pid in node.pids():
+            try:
+                process = psutil.Process(pid)
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if process.environ().get("UGRO_JOB_ID") == job_id:
+                    found.append((node.name, pid, process.cmdline()))
+            except psutil.Error:
+                continue
+    return found
+
+
+@pytest.fixture
+def launcher(tmp_path, namespace_cluster):
+    cluster = namespace_cluster(2)
+    launcher = Launcher(tmp_path, cluster, tmp_path / "targets")
+    yield launcher
+    launcher.kill_watchers()
+
+
+def test_two_nodes_two_ranks_each_are_scraped_and_stopped_cleanly(tmp_path, namespace_cluster):
+    cluster = namespace_cluster(2)
+    stack = AlertStack(tmp_path / "stack")
+    launcher = Launcher(tmp_path, cluster, stack.workdir / "targets")
+    try:
+        started = launcher.run("two-by-two")
+        assert started.returncode == 0, started.stderr + started.stdout
+        assert "job two-by-two started on node-a, node-b" in started.stdout
+
+        # All four ranks and both exporters are scraped by Prometheus from the target files.
+        def ranks_up() -> list[dict]:
+            up = stack.query('up{job="ugro-ranks",job_id="two-by-two"} == 1')
+            return up if len(up) == 4 else []
+
+        up = wait_for(ranks_up, 120, "four rank endpoints up")
+        assert sorted((s["metric"]["node"], s["metric"]["rank"]) for s in up) == [
+            ("node-a", "0"), ("node-a", "1"), ("node-b", "2"), ("node-b", "3"),
+        ]  # fmt: skip
+        wait_for(
+            lambda: len(stack.query('up{job="ugro-nodes"} == 1')) == 2, 60, "both exporters up"
+        )
+        # The ranks train together: the world is 4 and every rank steps.
+        worlds = stack.query('ugro_train_rank_info{job_id="two-by-two"}')
+        assert {s["metric"]["world_size"] for s in worlds} == {"4"}
+
+        status = launcher("status", "two-by-two")
+        assert status.returncode == 0, status.stderr
+        assert "node-a           running" in status.stdout
+        assert "node-b           running" in status.stdout
+
+        stopped = launcher("stop", "two-by-two")
+        assert stopped.returncode == 0, stopped.stderr + stopped.stdout
+        assert job_processes(cluster, "two-by-two") == []
+        assert not (stack.workdir / "targets" / "ranks" / "two-by-two.json").exists()
+        assert launcher.record("two-by-two")["state"] == "stopped"
+        again = launcher("stop", "two-by-two")  # safe to repeat
+        assert again.returncode == 0, again.stderr
+    finally:
+        launcher.kill_watchers()
+        stack.close()
+
+
+def test_job_that_finishes_is_deregistered_by_its_watcher(launcher):
+    short = [*SMALL_TRAINER[:3], "20", *SMALL_TRAINER[4:]]
+    started = launcher.run("short-job", "--wait", command=short, nproc=1)
+    assert started.returncode == 0, started.stderr + started.stdout
+    assert "job short-job: finished" in started.stdout
+    assert launcher.record("short-job")["state"] == "finished"
+    assert not (launcher.targets_dir / "ranks" / "short-job.json").exists()
+    logs = launcher("logs", "short-job")  # the first node's: rank 0 reports progress
+    assert logs.returncode == 0
+    assert "step 20/20" in logs.stdout
+    logs = launcher("logs", "short-job", "--node=node-b")
+    assert "rank 1: metrics at" in logs.stdout
+
+
+def test_preflight_failure_starts_nothing_anywhere(launcher):
+    launcher.cluster["node-b"].stop_sshd()
+    result = launcher.run("no-start")
+    assert result.returncode == 1
+    assert "node-b" in result.stdout and "FAILED" in result.stdout
+    assert "preflight failed on node-b: nothing was started" in result.stderr
+    assert job_processes(launcher.cluster, "no-start") == []
+    assert not (launcher.targets_dir / "ranks" / "no-start.json").exists()
+    assert not (launcher.state_dir / "no-start.json").exists()
+
+
+def test_port_taken_fails_preflight_with_the_port_named(launcher):
+    with launcher.cluster["node-b"].listen_on(9501):
+        result = launcher.run("port-taken")
+    assert result.returncode == 1
+    assert "port 9501" in result.stdout
+    assert job_processes(launcher.cluster, "port-taken") == []
+
+
+def test_start_failure_on_one_node_stops_the_others(launcher):
+    # The job directory already exists on node-b, so its start fails after node-a started.
+    (pathlib.Path(launcher.inventory.parent) / "nodes" / "jobs" / "half" / "node-b").mkdir(
+        parents=True
+    )
+    result = launcher.run("half")
+    assert result.returncode == 1
+    assert "torchrun could not be started on node-b" in result.stderr
+    assert "the job was stopped on the other nodes" in result.stderr
+    time.sleep(1)
+    assert job_processes(launcher.cluster, "half") == []
+    assert not (launcher.targets_dir / "ranks" / "half.json").exists()
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["x; touch CANARY", "$(touch CANARY)", "a'b", 'a"b', "a\nb", "../escape", "`touch CANARY`"],
+)
+def test_hostile_job_ids_are_rejected(launcher, job_id, tmp_path):
+    result = launcher.run(job_id)
+    assert result.returncode == 2
+    assert "--job-id" in result.stderr
+    assert not list(tmp_path.rglob("CANARY"))
+    assert not pathlib.Path("CANARY").exists()
+
+
+def test_hostile_arguments_reach_the_program_verbatim(launcher, tmp_path):
+    canary = tmp_path / "CANARY"
+    hostile = [
+        f"; touch {canary}",
+        f"$(touch {canary})",
+        f"`touch {canary}`",
+        "it's",
+        'a"b',
+        "x\ny",
+    ]
+    # torchrun --no-python runs the program as given: here a Python one-liner.
+    printer = [
+        *("--no-python", sys.executable, "-c"),
+        "import json, sys; print('ARGS=' + json.dumps(sys.argv[1:]))",
+        *hostile,
+    ]
+    result = launcher.run("verbatim", "--wait", "--nodes=node-a", command=printer, nproc=1)
+    assert result.returncode == 0, result.stderr + result.stdout
+    logs = launcher("logs", "verbatim")
+    line = next(x for x in logs.stdout.splitlines() if x.startswith("ARGS="))
+    assert json.loads(line[len("ARGS=") :]) == hostile
+    assert not canary.exists()
+
+
+def test_unknown_host_key_is_refused_with_its_fingerprint(launcher):
+    launcher.known_hosts = launcher.cluster.empty_known_hosts
+    result = launcher.run("unknown-key")
+    assert result.returncode == 1
+    fingerprint = launcher.cluster["node-a"].host_key_fingerprint
+    assert fingerprint in result.stdout + result.stderr
+    assert "--accept-new-host-keys" in result.stdout + result.stderr
+    assert job_processes(launcher.cluster, "unknown-key") == []
+
+
+def test_bad_inventory_is_named_with_its_field(launcher):
+    launcher.inventory.write_text(
+        yaml.safe_dump({"prometheus": {"targets_dir": "/tmp/x"}, "nodes": [{"name": "a"}]})
+    )
+    result = launcher.run("bad-inventory")
+    assert result.returncode == 2
+    assert f"{launcher.inventory}: nodes[0].host: missing" in result.stderr
