@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/trainer_overhead.py
 	$(BIN)/python benchmarks/exporter_scrape.py
 	$(BIN)/python benchmarks/alert_latency.py
+	$(BIN)/python benchmarks/launch_scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

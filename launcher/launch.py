@@ -153,19 +153,23 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
             "another --job-id, or `ugro-launch stop` it first"
         )
     targets = targets_for(plan.inventory, options)
+    began = time.perf_counter()
     with NodeSet(plan.inventory, plan.nodes, options) as nodes:
         checks = preflight(plan, nodes)
         say(preflight_table(checks, list(plan.nodes)))
+        preflight_done = time.perf_counter()
         bad = failed_nodes(checks)
         if bad:
             raise LaunchError(f"preflight failed on {', '.join(bad)}: nothing was started")
 
         exporters = nodes.each(lambda node: _ensure_exporter(plan, nodes, node))
+        exporters_done = time.perf_counter()
         problems = {name: r for name, r in exporters.items() if isinstance(r, Exception)}
         if problems:
             raise LaunchError(_per_node("ugro-exporter could not be started", problems))
 
         started = nodes.each(lambda node: _start(plan, nodes, node))
+        started_done = time.perf_counter()
         problems = {name: r for name, r in started.items() if isinstance(r, Exception)}
         if problems:
             stop_nodes(plan, nodes, [n for n in plan.nodes if n.name not in problems])
@@ -186,6 +190,11 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
                 f"{error}; the job was stopped"
             ) from error
 
+    say(
+        f"preflight {preflight_done - began:.1f} s, exporters {exporters_done - preflight_done:.1f}"
+        f" s, torchrun {started_done - exporters_done:.1f} s, targets "
+        f"{time.perf_counter() - started_done:.1f} s"
+    )
     record = records.JobRecord(
         job_id=plan.job_id,
         inventory=str(plan.inventory.path.resolve()),

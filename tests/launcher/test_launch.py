@@ -257,3 +257,77 @@ def test_bad_inventory_is_named_with_its_field(launcher):
     result = launcher.run("bad-inventory")
     assert result.returncode == 2
     assert f"{launcher.inventory}: nodes[0].host: missing" in result.stderr
+
+
+def test_crashed_node_fails_the_job_stops_the_rest_and_keeps_its_targets(launcher):
+    crashing = [*SMALL_TRAINER, "--fault-rank=1", "--crash-at=30"]
+    started = launcher.run("crashes", "--wait", command=crashing, nproc=1)
+    assert started.returncode == 1, started.stderr + started.stdout
+    assert "job crashes: failed" in started.stdout
+    record = launcher.record("crashes")
+    assert record["state"] == "failed"
+    assert record["node_states"]["node-b"]["state"] == "failed"
+    # The dead ranks stay registered, so TrainingRanksDown fires until `stop` clears them.
+    assert (launcher.targets_dir / "ranks" / "crashes.json").exists()
+    assert job_processes(launcher.cluster, "crashes") == []
+    listing = launcher("list")
+    assert "crashes" in listing.stdout and "failed" in listing.stdout
+    assert launcher("stop", "crashes").returncode == 0
+    assert not (launcher.targets_dir / "ranks" / "crashes.json").exists()
+
+
+def test_accepting_a_new_host_key_remembers_it(launcher, tmp_path):
+    known_hosts = tmp_path / "fresh_known_hosts"
+    launcher.known_hosts = known_hosts
+    short = [*SMALL_TRAINER[:3], "5", *SMALL_TRAINER[4:]]
+    started = launcher.run(
+        "accepted", "--accept-new-host-keys", "--wait", "--nodes=node-a", command=short, nproc=1
+    )
+    assert started.returncode == 0, started.stderr + started.stdout
+    assert launcher.cluster["node-a"].address in known_hosts.read_text()
+
+
+def test_a_localhost_node_runs_without_ssh(tmp_path):
+    state = tmp_path / "state"
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {
+                    "python": sys.executable,
+                    "workdir": str(tmp_path / "work"),
+                    "min_free_disk_gb": 0,
+                    "exporter_port": _free_port(),
+                    "metrics_base_port": _free_port(),
+                    "env": {"OMP_NUM_THREADS": "1"},
+                },
+                "prometheus": {"targets_dir": str(tmp_path / "targets")},
+                "nodes": [{"name": "here", "host": "localhost"}],
+            }
+        )
+    )
+    env = {**os.environ, "UGRO_STATE_DIR": str(state)}
+    short = [*SMALL_TRAINER[:3], "10", *SMALL_TRAINER[4:]]
+    try:
+        result = subprocess.run(
+            [*LAUNCH, "run", f"--inventory={inventory}", "--job-id=local-job", "--wait",
+             f"--rdzv-port={_free_port()}", "--known-hosts=/nonexistent", "--", *short],
+            capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "job local-job: finished" in result.stdout
+        assert (tmp_path / "targets" / "nodes" / "here.json").exists()
+    finally:
+        # The job ended with --wait; the exporter it started for "here" is still running.
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "ugro.exporter" in cmdline and "--node here" in cmdline.replace("=", " "):
+                process.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
