@@ -54,7 +54,8 @@ inventory (YAML; launcher/inventory.example.yml is a complete example):
     env: {NCCL_DEBUG: WARN}        # extra environment for torchrun and the ranks
   prometheus:
     targets_dir: /srv/ugro/prometheus/targets   # file_sd files: ranks/JOB.json, nodes/NODE.json
-    host: head-node                # omit when Prometheus runs on this machine
+    host: head-node                # omit when Prometheus runs on this machine; reached
+                                   #   with the defaults' user, ssh_port, identity_file
     grafana_url: http://head-node:3000
   nodes:
     - {name: gpu-a, host: 10.0.0.11, gpus: 8}  # host localhost: run here, without SSH

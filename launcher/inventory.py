@@ -61,6 +61,7 @@ class PrometheusTargets:
     host: str | None  # None: a local directory; else the host that holds it (over SSH)
     ssh_port: int
     user: str | None
+    identity_file: str | None
     grafana_url: str | None
 
 
@@ -138,7 +139,7 @@ def load_inventory(path: str | pathlib.Path) -> Inventory:
 
     top = _Fields(path, "inventory", data, {"defaults", "prometheus", "nodes"})
     defaults = _load_defaults(path, top.data.get("defaults", {}))
-    prometheus = _load_prometheus(path, top.data.get("prometheus"))
+    prometheus = _load_prometheus(path, top.data.get("prometheus"), top.data.get("defaults", {}))
     raw_nodes = top.data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise InventoryError(f"{path}: nodes: expected a non-empty list of nodes")
@@ -198,18 +199,25 @@ def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str,
     )
 
 
-def _load_prometheus(path: pathlib.Path, data: Any) -> PrometheusTargets:
+def _load_prometheus(
+    path: pathlib.Path, data: Any, defaults: Mapping[str, Any]
+) -> PrometheusTargets:
     if data is None:
         raise InventoryError(
             f"{path}: prometheus: missing; expected at least prometheus.targets_dir, the folder "
             "Prometheus reads file_sd targets from"
         )
     fields = _Fields(path, "prometheus", data, {"targets_dir", "host", "ssh_port", "user",
-                                                "grafana_url"})  # fmt: skip
+                                                "identity_file", "grafana_url"})  # fmt: skip
+    # Reached like the nodes unless it says otherwise.
+    inherited = _Fields(path, "defaults", defaults, set(defaults))
     return PrometheusTargets(
         targets_dir=fields.path_text("targets_dir"),
         host=fields.text("host", HOST, "a host name or IP address", None),
-        ssh_port=fields.integer("ssh_port", 1, 65535, DEFAULT_SSH_PORT),
-        user=fields.text("user", USER, "a user name", None),
+        ssh_port=fields.integer(
+            "ssh_port", 1, 65535, inherited.integer("ssh_port", 1, 65535, DEFAULT_SSH_PORT)
+        ),
+        user=fields.text("user", USER, "a user name", inherited.text("user", USER, "a user", None)),
+        identity_file=fields.path_text("identity_file", inherited.path_text("identity_file", None)),
         grafana_url=fields.text("grafana_url", _URL, "an http(s) URL", None),
     )

@@ -84,7 +84,7 @@ def targets_for(inventory: Inventory, options: SshOptions) -> LocalTargets | Rem
     config = inventory.prometheus
     if config.host is None or Node(config.host, config.host, 22, None, None, None).is_local:
         return LocalTargets(config.targets_dir)
-    host = Node("prometheus", config.host, config.ssh_port, config.user, None, None)
+    host = Node("prometheus", config.host, config.ssh_port, config.user, config.identity_file, None)
     return RemoteTargets(config.targets_dir, SshShell(host, options))
 
 

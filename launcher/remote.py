@@ -166,11 +166,11 @@ class SshShell:
         directory = path.rsplit("/", 1)[0] or "/"
         self.run(["mkdir", "-p", directory])
         temporary = f"{path}.tmp-ugro"
-        with self.connection.sftp() as sftp:
-            with sftp.open(temporary, "w") as handle:
-                handle.write(text)
-            sftp.chmod(temporary, 0o644)
-            sftp.posix_rename(temporary, path)
+        sftp = self.connection.sftp()  # Fabric keeps one per connection and closes it with it
+        with sftp.open(temporary, "w") as handle:
+            handle.write(text)
+        sftp.chmod(temporary, 0o644)
+        sftp.posix_rename(temporary, path)
 
     def remove(self, path: str) -> bool:
         result = self.run(["rm", "-f", "--", path])

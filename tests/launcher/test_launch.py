@@ -331,3 +331,23 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_targets_on_a_prometheus_host_are_written_over_ssh(launcher, tmp_path):
+    # The head node is node-b, reached over SSH; the namespaces share this filesystem, so the
+    # files it writes appear under tmp_path.
+    head_dir = tmp_path / "head-targets"
+    data = yaml.safe_load(launcher.inventory.read_text())
+    data["prometheus"] = {
+        "targets_dir": str(head_dir),
+        "host": launcher.cluster["node-b"].address,
+    }  # user and identity file: the defaults', as for the nodes
+    launcher.inventory.write_text(yaml.safe_dump(data))
+    short = [*SMALL_TRAINER[:3], "5", *SMALL_TRAINER[4:]]
+    started = launcher.run("remote-targets", "--nodes=node-a", command=short, nproc=1)
+    assert started.returncode == 0, started.stderr + started.stdout
+    rank_file = head_dir / "ranks" / "remote-targets.json"
+    groups = json.loads(rank_file.read_text())
+    assert groups[0]["labels"] == {"job_id": "remote-targets", "rank": "0", "node": "node-a"}
+    assert (head_dir / "nodes" / "node-a.json").exists()
+    wait_for(lambda: not rank_file.exists(), 120, "the watcher to deregister the finished job")
