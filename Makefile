@@ -40,7 +40,7 @@ $(SETUP_STAMP): pyproject.toml
 	@echo "==> creating $(VENV) with ugro installed in editable mode"
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' -e '.[train,test,dev]'
+	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' -e '.[train,test,dev,dashboards,plots]'
 	@touch $@
 
 demo: setup

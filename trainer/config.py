@@ -2,8 +2,10 @@
 
 torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; ``ugro-launch`` (or the user) sets
 ``UGRO_JOB_ID``, ``UGRO_METRICS_PORT`` (the base port: a rank serves on base + ``LOCAL_RANK``),
-``UGRO_METRICS_ADDR`` and ``UGRO_NODE``. Every bad value is rejected here, before the first
-training step, with an error that names the variable and what was expected.
+``UGRO_METRICS_ADDR`` and ``UGRO_NODE``. ``UGRO_GPU_UUIDS`` (optional) names the GPU each local
+rank uses, for setups where torch's view of the device is not NVML's. Every bad value is
+rejected here, before the first training step, with an error that names the variable and what
+was expected.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ PORT_TAKEN_POLICIES: tuple[str, ...] = ("continue", "fail")
 # Job ids become Prometheus label values and file names; keep them to a safe alphabet.
 _JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+# NVML names a GPU "GPU-<uuid>" (a MIG instance "MIG-<uuid>"); the node exporter labels with that.
+_GPU_UUID_PATTERN = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]{1,100}$")
+
 # Present in every process that torchrun (torch.distributed.elastic) starts.
 _TORCHRUN_MARKERS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
 
@@ -47,6 +52,8 @@ class TelemetryConfig:
     bind_address: str
     on_port_taken: PortTakenPolicy = "continue"
     total_steps: int | None = None
+    # The rank's GPU as NVML names it, when given; otherwise learnt from the rank's CUDA device.
+    gpu_uuid: str | None = None
 
     @property
     def metrics_port(self) -> int:
@@ -69,6 +76,7 @@ class TelemetryConfig:
         bind_address: str | None = None,
         on_port_taken: str | None = None,
         total_steps: int | None = None,
+        gpu_uuid: str | None = None,
     ) -> TelemetryConfig:
         """Build the config: each explicit argument wins over its environment variable."""
         env = os.environ if env is None else env
@@ -151,6 +159,24 @@ class TelemetryConfig:
         if total_steps is not None and total_steps < 1:
             raise TelemetryConfigError(f"total_steps={total_steps!r}: expected a positive integer")
 
+        resolved_gpu_uuid = gpu_uuid
+        source = "gpu_uuid"
+        if resolved_gpu_uuid is None and env.get("UGRO_GPU_UUIDS"):
+            # Like CUDA_VISIBLE_DEVICES: one entry per local rank, in local-rank order.
+            entries = [entry.strip() for entry in env["UGRO_GPU_UUIDS"].split(",")]
+            if resolved_local_rank >= len(entries):
+                raise TelemetryConfigError(
+                    f"UGRO_GPU_UUIDS={env['UGRO_GPU_UUIDS']!r}: {len(entries)} entries, but "
+                    f"LOCAL_RANK={resolved_local_rank}: expected one NVML GPU UUID per local rank"
+                )
+            resolved_gpu_uuid = entries[resolved_local_rank]
+            source = f"UGRO_GPU_UUIDS entry {resolved_local_rank}"
+        if resolved_gpu_uuid is not None and not _GPU_UUID_PATTERN.match(resolved_gpu_uuid):
+            raise TelemetryConfigError(
+                f"{source}={resolved_gpu_uuid!r}: expected an NVML UUID such as "
+                "'GPU-5f2a…' (as `nvidia-smi -L` prints it)"
+            )
+
         return cls(
             job_id=resolved_job_id,
             rank=resolved_rank,
@@ -161,4 +187,5 @@ class TelemetryConfig:
             bind_address=address,
             on_port_taken=policy,  # type: ignore[arg-type]
             total_steps=total_steps,
+            gpu_uuid=resolved_gpu_uuid,
         )

@@ -47,7 +47,8 @@ class Telemetry:
     ``TelemetryConfig``). ``registry`` defaults to a private registry so the endpoint serves only
     this rank's series; ``serve=False`` skips the HTTP endpoint (the registry is still filled).
     ``device`` names the rank's CUDA device for ``gpu_uuid``; by default it is taken from the
-    first CUDA tensor passed to ``step()``.
+    first CUDA tensor passed to ``step()``. ``gpu_uuid`` (or ``UGRO_GPU_UUIDS``) names the GPU
+    as NVML does and wins over the device's: for setups where the two views differ.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Telemetry:
         bind_address: str | None = None,
         on_port_taken: str | None = None,
         total_steps: int | None = None,
+        gpu_uuid: str | None = None,
         device: Any = None,
         registry: CollectorRegistry | None = None,
         serve: bool = True,
@@ -79,6 +81,7 @@ class Telemetry:
             bind_address=bind_address,
             on_port_taken=on_port_taken,
             total_steps=total_steps,
+            gpu_uuid=gpu_uuid,
         )
         self._lock = threading.Lock()
         self._stats = RankStats()
@@ -87,7 +90,7 @@ class Telemetry:
         self._device_copier = device_copier
         self._device_queue: DeviceValueQueue | None = None
         self._cuda_device_index: int | None = None
-        self._gpu_uuid = ""
+        self._gpu_uuid = self.config.gpu_uuid or ""
         self._dropped_device_steps = 0
         self._closed = False
         if device is not None:
@@ -294,7 +297,8 @@ class Telemetry:
         try:
             index = device.index if device.index is not None else torch.cuda.current_device()
             # NVML (and so the node exporter) names GPUs "GPU-<uuid>"; torch gives the bare uuid.
-            self._gpu_uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+            if not self.config.gpu_uuid:
+                self._gpu_uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
         except Exception as error:
             log.warning("ugro: cannot read the UUID of CUDA device %s: %s", device, error)
             return

@@ -71,6 +71,8 @@ def test_port_zero_means_any_free_port_for_every_rank():
         ("UGRO_NODE", "a b", "UGRO_NODE='a b'"),
         ("UGRO_METRICS_ADDR", "", "UGRO_METRICS_ADDR=''"),
         ("UGRO_METRICS_ON_PORT_TAKEN", "retry", "expected one of continue, fail"),
+        ("UGRO_GPU_UUIDS", "GPU-a", "1 entries, but LOCAL_RANK=1"),
+        ("UGRO_GPU_UUIDS", "GPU-a,0", "UGRO_GPU_UUIDS entry 1='0': expected an NVML UUID"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(variable, value, expected):
@@ -91,3 +93,11 @@ def test_a_bad_explicit_argument_is_named_as_an_argument():
         TelemetryConfig.resolve({}, metrics_port=-5)
     with pytest.raises(TelemetryConfigError, match="total_steps=0"):
         TelemetryConfig.resolve({}, total_steps=0)
+
+
+def test_gpu_uuids_name_each_local_ranks_gpu_and_an_argument_wins():
+    env = {**TORCHRUN_ENV, "UGRO_GPU_UUIDS": "GPU-aaaa-0, GPU-bbbb-1"}
+    assert TelemetryConfig.resolve(env).gpu_uuid == "GPU-bbbb-1"  # LOCAL_RANK=1
+    assert TelemetryConfig.resolve(env, local_rank=0).gpu_uuid == "GPU-aaaa-0"
+    assert TelemetryConfig.resolve(env, gpu_uuid="MIG-cccc").gpu_uuid == "MIG-cccc"
+    assert TelemetryConfig.resolve(TORCHRUN_ENV).gpu_uuid is None

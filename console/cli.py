@@ -1,0 +1,44 @@
+"""``ugro``: the terminal commands. ``ugro watch JOB`` shows a job live; ``ugro report JOB``
+sums a job up over its lifetime; ``ugro compare JOB JOB...`` puts jobs side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .servers import default_alertmanager_url, default_prometheus_url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ugro", description=__doc__)
+    parser.add_argument(
+        "--prometheus",
+        default=default_prometheus_url(),
+        metavar="URL",
+        help="Prometheus to query (default $UGRO_PROMETHEUS_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--alertmanager",
+        default=default_alertmanager_url(),
+        metavar="URL",
+        help="Alertmanager to ask for firing alerts (default $UGRO_ALERTMANAGER_URL or %(default)s)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import report, watch
+
+    watch.add_parser(commands)
+    report.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

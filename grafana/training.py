@@ -1,0 +1,396 @@
+"""The training job dashboard (uid ``ugro-training``): is the job progressing, is a rank slow or
+diverging, are its GPUs busy and healthy, is anything firing.
+
+Rank series carry the target labels ``job_id``, ``rank`` and ``node``; a rank's GPU readings
+come from the node exporter joined on ``gpu_uuid`` with ``ugro_train_rank_info``, as in the
+recording rules. Thresholds drawn on graphs are the alerts' own (alerts/thresholds.yml).
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.models import dashboard as model
+
+from ugro.alerts.thresholds import Thresholds
+
+from . import presets as p
+
+UID = "ugro-training"
+
+JOB = 'job_id="$job_id"'
+RANKS = 'job_id="$job_id", node=~"$node", rank=~"$rank"'
+RANK_GPUS = f'ugro_train_rank_info{{{RANKS}, gpu_uuid!=""}}'
+RANK = "rank {{rank}}"
+
+
+def on_rank_gpus(exporter_expr: str) -> str:
+    """An exporter GPU series, given the job_id and rank of the rank that uses each GPU."""
+    return f"{exporter_expr} * on (gpu_uuid) group_left (job_id, rank) {RANK_GPUS}"
+
+
+def firing(selector: str) -> str:
+    """The job's firing alerts, and its nodes' own (GPU, host) alerts that carry no job."""
+    return (
+        f'ALERTS{{alertstate="firing", {selector}}}'
+        ' or ALERTS{alertstate="firing", job_id="", node=~"$node"}'
+    )
+
+
+# -- overview ------------------------------------------------------------------------------
+
+
+def world_size():
+    return p.single_value(
+        "World size",
+        "Ranks of the job that report telemetry (ugro_train_rank_info).",
+        p.COUNT,
+        f"count(ugro_train_rank_info{{{JOB}}})",
+    )
+
+
+def current_step():
+    return p.single_value(
+        "Step",
+        "Optimizer steps completed by the furthest rank.",
+        p.COUNT,
+        f"max(ugro_train_steps_total{{{JOB}}})",
+    )
+
+
+def progress():
+    return p.single_value(
+        "Progress",
+        "Steps completed over the configured total (ugro_train_target_steps); empty when the "
+        "training loop did not give a total.",
+        p.RATIO,
+        f"job:ugro_train_progress:ratio{{{JOB}}}",
+    )
+
+
+def job_throughput():
+    return p.single_value(
+        "Tokens/s",
+        "Tokens per second over the last minute, summed over the job's ranks.",
+        p.TOKENS_PER_SECOND,
+        f"job:ugro_train_tokens:rate1m{{{JOB}}}",
+    )
+
+
+def job_mean_loss():
+    return p.single_value(
+        "Mean loss (5m)",
+        "Mean of every finite per-step loss of every rank over the last 5 minutes.",
+        p.NO_UNIT,
+        f"job:ugro_train_loss:mean5m{{{JOB}}}",
+        decimals=3,
+    )
+
+
+def elapsed():
+    return p.single_value(
+        "Elapsed",
+        "From the first rank's telemetry start to the latest completed step.",
+        p.SECONDS,
+        f"max(ugro_train_last_step_timestamp_seconds{{{JOB}}})"
+        f" - min(ugro_train_start_time_seconds{{{JOB}}})",
+    )
+
+
+def firing_count():
+    return p.single_value(
+        "Alerts firing",
+        "Alerts firing now for this job, or for its nodes (GPU, host).",
+        p.COUNT,
+        f"count({firing(JOB)}) or vector(0)",
+        red_from=1,
+    )
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def loss():
+    return p.graph(
+        "Loss",
+        "Each rank's mean finite loss over the last minute, and the job's 5-minute mean. "
+        "A rank apart from the others is diverging; a rising mean is a spike.",
+        p.NO_UNIT,
+        p.query(f"job_rank:ugro_train_loss:mean1m{{{RANKS}}}", RANK, "A"),
+        p.query(f"job:ugro_train_loss:mean5m{{{JOB}}}", "job mean (5m)", "B"),
+        width=12,
+    )
+
+
+def gradient_norm():
+    return p.graph(
+        "Gradient norm",
+        "Each rank's mean finite gradient norm (before clipping) over the last minute, and "
+        "the job's 5-minute mean.",
+        p.NO_UNIT,
+        p.query(f"job_rank:ugro_train_grad_norm:mean1m{{{RANKS}}}", RANK, "A"),
+        p.query(f"job:ugro_train_grad_norm:mean5m{{{JOB}}}", "job mean (5m)", "B"),
+        width=12,
+    )
+
+
+def learning_rate():
+    return p.graph(
+        "Learning rate",
+        "The learning rate of each rank's first parameter group at its last step.",
+        p.NO_UNIT,
+        p.query(f"ugro_train_learning_rate{{{RANKS}}}", RANK),
+    )
+
+
+def rank_throughput():
+    return p.graph(
+        "Throughput per rank",
+        "Tokens per second each rank processed over the last minute.",
+        p.TOKENS_PER_SECOND,
+        p.query(f"job_rank:ugro_train_tokens:rate1m{{{RANKS}}}", RANK),
+        minimum=0,
+    )
+
+
+def step_time():
+    return p.graph(
+        "Step time",
+        "Each rank's mean step time over the last minute, and its 90th percentile over the "
+        "rate interval (from the step-duration histogram).",
+        p.SECONDS,
+        p.query(
+            f"job_rank:ugro_train_step_duration_seconds:mean1m{{{RANKS}}}",
+            "rank {{rank}} mean",
+            "A",
+        ),
+        p.query(
+            "histogram_quantile(0.9, sum by (rank, le) "
+            f"(rate(ugro_train_step_duration_seconds_bucket{{{RANKS}}}[$__rate_interval])))",
+            "rank {{rank}} p90",
+            "B",
+        ),
+        minimum=0,
+    )
+
+
+def straggler_score(thresholds: Thresholds):
+    return p.graph(
+        "Straggler score",
+        "Each rank's effective throughput (tokens/s while not waiting for input) over the job "
+        "median: 1 is the median rank. The dashed line is the straggler alert's threshold.",
+        p.NO_UNIT,
+        p.query(f"job_rank:ugro_train_straggler_score:ratio{{{RANKS}}}", RANK),
+        minimum=0,
+        threshold=thresholds["training.straggler_ratio"],
+    )
+
+
+def data_wait():
+    return p.graph(
+        "Input wait",
+        "Share of each rank's time spent waiting for its next batch over the last minute. "
+        "Under synchronous DDP every rank steps together, so a slow input pipeline shows "
+        "here, not in tokens/s.",
+        p.RATIO,
+        p.query(f"1 - job_rank:ugro_train_busy:ratio1m{{{RANKS}}}", RANK),
+        minimum=0,
+        maximum=1,
+    )
+
+
+def nonfinite_steps():
+    return p.graph(
+        "Non-finite steps",
+        "Steps whose loss or gradient norm was NaN or infinite, per rank and quantity, over "
+        "the rate interval. Any is a critical alert.",
+        p.COUNT,
+        p.query(
+            f"increase(ugro_train_nonfinite_total{{{RANKS}}}[$__rate_interval])",
+            "rank {{rank}} {{quantity}}",
+        ),
+        minimum=0,
+    )
+
+
+def since_last_step():
+    return p.graph(
+        "Time since last step",
+        "Seconds since each rank completed a step: a rising line is a stalled rank.",
+        p.SECONDS,
+        p.query(f"time() - ugro_train_last_step_timestamp_seconds{{{RANKS}}}", RANK),
+        minimum=0,
+    )
+
+
+# -- the job's GPUs ------------------------------------------------------------------------
+
+
+def gpu_utilization():
+    return p.graph(
+        "GPU utilisation",
+        "Share of time a kernel ran on the GPU each rank uses (NVML, via the node exporter).",
+        p.RATIO,
+        p.query(f"job_rank:ugro_gpu_utilization:ratio{{{RANKS}}}", RANK),
+        minimum=0,
+        maximum=1,
+    )
+
+
+def gpu_memory():
+    return p.graph(
+        "GPU memory",
+        "Device memory in use on each rank's GPU, and the memory installed.",
+        p.BYTES,
+        p.query(f"job_rank:ugro_gpu_memory_used:bytes{{{RANKS}}}", "rank {{rank}} used", "A"),
+        p.query(on_rank_gpus("ugro_gpu_memory_total_bytes"), "rank {{rank}} total", "B"),
+        minimum=0,
+    )
+
+
+def gpu_temperature(thresholds: Thresholds):
+    return p.graph(
+        "GPU temperature",
+        "Core temperature of each rank's GPU. The dashed line is the temperature warning.",
+        p.CELSIUS,
+        p.query(f"job_rank:ugro_gpu_temperature:celsius{{{RANKS}}}", RANK),
+        threshold=thresholds["gpu.temperature_warning_celsius"],
+    )
+
+
+def gpu_power():
+    return p.graph(
+        "GPU power",
+        "Board power draw of each rank's GPU, and its enforced power limit.",
+        p.WATTS,
+        p.query(on_rank_gpus("ugro_gpu_power_watts"), "rank {{rank}}", "A"),
+        p.query(on_rank_gpus("ugro_gpu_power_limit_watts"), "rank {{rank}} limit", "B"),
+        minimum=0,
+    )
+
+
+def gpu_throttling():
+    return p.states(
+        "GPU throttling",
+        "Clock-event (throttle) reasons active on each rank's GPU; idle is left out. Power "
+        "cap, thermal and hardware slowdowns cost throughput.",
+        p.query(
+            "max by (rank, reason) ("
+            + on_rank_gpus('ugro_gpu_clock_event_active{reason!="gpu_idle"}')
+            + ")",
+            "rank {{rank}} {{reason}}",
+        ),
+        ok="not active",
+        bad="active",
+        width=16,
+    )
+
+
+# -- alerts --------------------------------------------------------------------------------
+
+
+def firing_alerts():
+    return p.listing(
+        "Firing alerts",
+        "Alerts firing now for this job (and its nodes' own GPU and host alerts), as "
+        "Prometheus evaluates them. Notifications go out through Alertmanager.",
+        firing(JOB),
+        {
+            "alertname": "Alert",
+            "severity": "Severity",
+            "rank": "Rank",
+            "node": "Node",
+            "gpu": "GPU",
+        },
+    )
+
+
+def alert_annotations() -> dash.AnnotationQuery:
+    return p.alert_annotation(
+        "Alerts",
+        f'ALERTS{{alertstate="firing", {JOB}}}',
+        "Alerts of the job: a region while each fires.",
+    )
+
+
+def dashboard(thresholds: Thresholds) -> dash.Dashboard:
+    board = (
+        dash.Dashboard("ugro · training job")
+        .uid(UID)
+        .description("One training job: progress, per-rank health, its GPUs and its alerts.")
+        .tags(["ugro", "training"])
+        .refresh("10s")
+        .time("now-1h", "now")
+        .timezone("browser")
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .readonly()
+        .with_variable(p.datasource_variable())
+        .with_variable(
+            p.label_variable(
+                "job_id",
+                "Job",
+                "ugro_train_rank_info",
+                multi=False,
+                description="The training job (ugro-launch's job id).",
+            )
+        )
+        .with_variable(
+            p.label_variable(
+                "node",
+                "Node",
+                'ugro_train_rank_info{job_id="$job_id"}',
+                multi=True,
+                description="The job's nodes.",
+            )
+        )
+        .with_variable(
+            p.label_variable(
+                "rank",
+                "Rank",
+                'ugro_train_rank_info{job_id="$job_id", node=~"$node"}',
+                multi=True,
+                description="The job's ranks on the chosen nodes.",
+            )
+        )
+        .annotation(alert_annotations())
+        .link(p.dashboard_link("Cluster health", "ugro-cluster"))
+    )
+    rows = [
+        (
+            dash.Row("Overview"),
+            [
+                world_size().span(3),
+                current_step().span(3),
+                progress().span(3),
+                job_throughput(),
+                job_mean_loss(),
+                elapsed(),
+                firing_count().span(3),
+            ],
+        ),
+        (
+            dash.Row("Training"),
+            [
+                loss(),
+                gradient_norm(),
+                learning_rate(),
+                rank_throughput(),
+                step_time(),
+                straggler_score(thresholds),
+                data_wait(),
+                nonfinite_steps(),
+                since_last_step(),
+            ],
+        ),
+        (
+            dash.Row("GPUs of the job"),
+            [
+                gpu_utilization(),
+                gpu_memory(),
+                gpu_temperature(thresholds),
+                gpu_power(),
+                gpu_throttling(),
+            ],
+        ),
+        (dash.Row("Alerts"), [firing_alerts()]),
+    ]
+    return p.numbered(rows, board)
