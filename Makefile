@@ -12,11 +12,14 @@ TORCH_SPEC ?= torch==2.13.0
 SETUP_STAMP := $(VENV)/.installed
 
 # Debian packages the tests and the demo use, and the command each one provides.
-# sshd and ip make the launcher tests' network-namespace nodes.
+# sshd and ip make the launcher tests' network-namespace nodes; docker-compose validates
+# docker-compose.yml offline (no Docker engine needed).
 APT_PACKAGES := prometheus:promtool prometheus-alertmanager:amtool \
-  prometheus-node-exporter:prometheus-node-exporter openssh-server:sshd iproute2:ip
+  prometheus-node-exporter:prometheus-node-exporter openssh-server:sshd iproute2:ip \
+  docker-compose:docker-compose
 
-DEMO_METRICS_PORT ?= 9500
+# `make demo DEMO_ARGS=--keep` leaves Prometheus and Alertmanager running afterwards.
+DEMO_ARGS ?=
 DEMO_STEPS ?= 300
 
 .PHONY: setup system-packages demo test lint bench clean
@@ -44,7 +47,7 @@ $(SETUP_STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/python -m ugro.trainer.demo --steps $(DEMO_STEPS) --port $(DEMO_METRICS_PORT)
+	$(BIN)/ugro demo --steps $(DEMO_STEPS) $(DEMO_ARGS)
 
 test: setup lint
 	$(BIN)/python -m pytest

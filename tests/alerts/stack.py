@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from tests.servers import ServerProcess, server
 from ugro.alerts.__main__ import render
 from ugro.launcher.targets import LocalTargets, RankEndpoint
 
@@ -180,7 +180,7 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
             process.wait(timeout=grace)
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log: pathlib.Path, what: str) -> None:
+def _wait_ready(url: str, process: ServerProcess, log: pathlib.Path, what: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -206,7 +206,7 @@ class AlertStack:
         self.targets = LocalTargets(self.workdir / "targets")
         self.prometheus_port = free_port()
         self.alertmanager_port = free_port()
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[ServerProcess] = []
         try:
             self._start_alertmanager()
             self._start_prometheus()
@@ -241,12 +241,8 @@ class AlertStack:
         path = directory / "alertmanager.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = directory / "alertmanager.log"
-        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-        if binary is None:
-            raise RuntimeError("Alertmanager is not installed: run `make setup`")
-        process = _start(
+        process = server("alertmanager").start(
             [
-                binary,
                 f"--config.file={path}",
                 f"--storage.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.alertmanager_port}",
@@ -254,6 +250,8 @@ class AlertStack:
                 "--log.level=debug",
             ],
             log,
+            writable=[self.workdir],
+            readonly=[ROOT],
         )
         self.processes.append(process)
         _wait_ready(f"{self.alertmanager_url}/-/ready", process, log, "Alertmanager")
@@ -281,14 +279,15 @@ class AlertStack:
         path = directory / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = directory / "prometheus.log"
-        process = _start(
+        process = server("prometheus").start(
             [
-                shutil.which("prometheus") or "prometheus",
                 f"--config.file={path}",
                 f"--storage.tsdb.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
             ],
             log,
+            writable=[self.workdir],
+            readonly=[ROOT],
         )
         self.processes.append(process)
         _wait_ready(f"{self.prometheus_url}/-/ready", process, log, "Prometheus")
@@ -320,7 +319,7 @@ class AlertStack:
 
     def close(self) -> None:
         for process in reversed(self.processes):
-            _stop(process)
+            process.stop()
         self.slack.close()
         self.mail.close()
 
