@@ -15,12 +15,12 @@ SETUP_STAMP := $(VENV)/.installed
 # sshd and ip make the launcher tests' network-namespace nodes; docker-compose validates
 # docker-compose.yml offline (no Docker engine needed).
 APT_PACKAGES := prometheus:promtool prometheus-alertmanager:amtool \
-  prometheus-node-exporter:prometheus-node-exporter openssh-server:sshd iproute2:ip \
+  prometheus-node-exporter:prometheus-node-exporter openssh-server:sshd iproute2:ip tmux:tmux \
   docker-compose:docker-compose
 
 # `make demo DEMO_ARGS=--keep` leaves Prometheus and Alertmanager running afterwards.
 DEMO_ARGS ?=
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 600
 
 .PHONY: setup system-packages demo test lint bench clean
 

@@ -1,5 +1,6 @@
 """``ugro``: the terminal commands. ``ugro watch JOB`` shows a job live; ``ugro report JOB``
-sums a job up over its lifetime; ``ugro compare JOB JOB...`` puts jobs side by side."""
+sums a job up over its lifetime; ``ugro compare JOB JOB...`` puts jobs side by side; ``ugro demo``
+runs a monitored job on this machine from end to end."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--alertmanager",
         default=default_alertmanager_url(),
         metavar="URL",
-        help="Alertmanager to ask for firing alerts (default $UGRO_ALERTMANAGER_URL or %(default)s)",
+        help="Alertmanager to ask for firing alerts "
+        "(default $UGRO_ALERTMANAGER_URL or %(default)s)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from . import report, watch
+    from . import demo, report, watch
 
     watch.add_parser(commands)
     report.add_parsers(commands)
+    demo.add_parser(commands)
     return parser
 
 
