@@ -668,12 +668,14 @@ def _status(
     steps: int | None,
     target: float | None,
 ) -> str:
+    if target is not None and steps is not None and steps >= target:
+        # Whatever the ranks did after their last step: they may still serve /metrics for a
+        # few seconds (the trainer's --linger) before exiting.
+        return "finished"
     if running:
         return "running"
     if record is not None and record.state != records.RUNNING:
         return record.state  # the launcher saw how it ended: finished, failed, stopped, lost
-    if target is not None and steps is not None and steps >= target:
-        return "finished"  # whatever the ranks did after their last step
     if ranks_down:  # TrainingRanksDown fires: its targets stay and nothing answers
         return "failed"
     return "ended" if target is None else "incomplete"

@@ -80,16 +80,18 @@ def test_a_newcomer_runs_make_demo_in_a_fresh_clone(tmp_path):
         text=True,
         timeout=1100,
     )
-    output = result.stdout + result.stderr
-    print(output[-6000:], f"\nmake demo took {time.monotonic() - started:.0f} s")
-    assert result.returncode == 0, output[-4000:]
+    output = result.stdout
+    print(output, f"\nmake demo took {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, output[-3000:] + result.stderr[-3000:]
     # What the newcomer is promised: the stages, the alert firing and resolving, the report.
     assert "==> starting Prometheus, Alertmanager and a local Slack webhook" in output
     job = re.search(r"launching job (demo-[0-9-]+) with ugro-launch", output).group(1)
-    assert f"Slack ▸ [FIRING:1] TrainingNonFiniteValues · job {job}" in output
+    # Rank 1's NaN loss, and under DDP every rank's NaN gradient norm: 1 to 4 alerts at once.
+    assert re.search(rf"Slack ▸ \[FIRING:\d\] TrainingNonFiniteValues · job {job}", output)
     assert f"Slack ▸ [RESOLVED] TrainingNonFiniteValues · job {job}" in output
     assert f"Job {job}: finished, 600 of 600 steps" in output
-    assert re.search(r"tokens\s+307,200", output)  # 600 steps × 8 sequences × 32 bytes × 2 ranks
+    # 600 steps × 2 ranks × the reference trainer's default 16 sequences × 64 bytes.
+    assert re.search(r"tokens\s+1,228,800\s", output)
     assert "TrainingNonFiniteValues   critical   rank 1 on local" in output
     assert re.search(r"==> done in \d+ s", output)
     assert_nothing_left(clone)
