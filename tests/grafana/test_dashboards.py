@@ -110,9 +110,7 @@ def test_panels_read_the_recording_rules_rather_than_recomputing_them():
         for rule in group["rules"]
     ]
     rated = {
-        match
-        for rule in rules
-        for match in re.findall(r"rate\((ugro_[a-z_]+)\[", rule["expr"])
+        match for rule in rules for match in re.findall(r"rate\((ugro_[a-z_]+)\[", rule["expr"])
     }
     assert "ugro_train_tokens_total" in rated  # the pattern finds what it should
     recorded = {rule["record"] for rule in rules}
