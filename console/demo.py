@@ -20,7 +20,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,14 @@ import yaml
 from rich.console import Console
 
 from . import report, watch
-from .localstack import LocalStack, NotificationReceiver, StackError, free_port, stop_process
+from .localstack import (
+    LocalStack,
+    NotificationReceiver,
+    StackError,
+    free_port,
+    free_port_block,
+    stop_process,
+)
 from .servers import Alertmanager, Prometheus
 
 NODE = "local"
@@ -148,7 +154,7 @@ class Demo:
         raise StackError(f"ugro-exporter did not answer on port {port}; see {log}")
 
     def write_inventory(self, exporter_port: int) -> pathlib.Path:
-        metrics_port = _free_port_block(RANKS)
+        metrics_port = free_port_block(RANKS)
         inventory = {
             "defaults": {
                 "python": sys.executable,
@@ -311,21 +317,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _free_port_block(count: int) -> int:
-    for _ in range(100):
-        base = free_port()
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise StackError(f"no block of {count} free ports on this machine")

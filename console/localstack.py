@@ -73,6 +73,25 @@ def free_port(preferred: int | None = None) -> int:
         return probe.getsockname()[1]
 
 
+def free_port_block(count: int) -> int:
+    """A base port such that base .. base + count - 1 are all free on loopback now."""
+    for _ in range(100):
+        base = free_port()
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise StackError(f"no block of {count} free ports on this machine")
+
+
 class NotificationReceiver:
     """A Slack-compatible incoming webhook on loopback: each post's attachments go to
     ``on_notification(title, text)``, and it answers as Slack does."""
@@ -113,37 +132,54 @@ class NotificationReceiver:
 
 
 def prometheus_config(
-    *, targets_dir: pathlib.Path, alert_rules: pathlib.Path, alertmanager: str, own: str
+    *,
+    targets_dir: pathlib.Path,
+    alert_rules: pathlib.Path,
+    alertmanager: str,
+    own: str,
+    interval: str = LOCAL_INTERVAL,
 ) -> dict:
-    """prometheus.yml with absolute rule and target paths, local addresses and intervals."""
+    """prometheus.yml with absolute rule and target paths, local addresses and ``interval`` for
+    scraping, evaluating and rereading target files."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(
-        scrape_interval=LOCAL_INTERVAL,
-        scrape_timeout=LOCAL_INTERVAL,
-        evaluation_interval=LOCAL_INTERVAL,
+        scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval
     )
     config["rule_files"] = [str(RECORDING_RULES), str(alert_rules)]
     config["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
     for job in config["scrape_configs"]:
         for file_sd in job.get("file_sd_configs", []):
-            file_sd["files"] = [str(targets_dir / pathlib.Path(f).relative_to("targets"))
-                                for f in file_sd["files"]]  # fmt: skip
-            file_sd["refresh_interval"] = LOCAL_INTERVAL
+            # "targets/ranks/*.json" -> TARGETS_DIR/ranks/*.json
+            file_sd["files"] = [
+                str(targets_dir / pathlib.Path(pattern).relative_to("targets"))
+                for pattern in file_sd["files"]
+            ]
+            file_sd["refresh_interval"] = interval
         for static in job.get("static_configs", []):
             static["targets"] = [own]
     return config
 
 
-def alertmanager_config(*, slack_url_file: pathlib.Path) -> dict:
-    """alertmanager.yml with Slack posting to ``slack_url_file``'s URL and no email."""
+def alertmanager_config(
+    *,
+    slack_url_file: pathlib.Path,
+    group_interval: str = "2s",
+    smtp: dict[str, object] | None = None,
+) -> dict:
+    """alertmanager.yml with Slack posting to ``slack_url_file``'s URL, notifications a second
+    after an alert fires and within ``group_interval`` of a change, and email through ``smtp``
+    (``smtp_*`` global fields) or, without it, no email at all."""
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     config["templates"] = [str(ALERTMANAGER_CONFIG.parent / t) for t in config["templates"]]
-    for key in [k for k in config["global"] if k.startswith("smtp_")]:
-        del config["global"][key]
-    # Notify a second after an alert fires and within seconds of it resolving.
-    config["route"].update(group_wait="1s", group_interval="2s")
+    if smtp is None:
+        for key in [k for k in config["global"] if k.startswith("smtp_")]:
+            del config["global"][key]
+        for receiver in config["receivers"]:
+            receiver.pop("email_configs", None)
+    else:
+        config["global"].update(smtp)
+    config["route"].update(group_wait="1s", group_interval=group_interval)
     for receiver in config["receivers"]:
-        receiver.pop("email_configs", None)
         for slack in receiver.get("slack_configs", []):
             slack["api_url_file"] = str(slack_url_file)
     return config

@@ -35,11 +35,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tests.servers import ServerProcess, server
 from ugro.alerts.__main__ import render
+from ugro.console.localstack import alertmanager_config, free_port_block, prometheus_config
 from ugro.launcher.targets import LocalTargets, RankEndpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
-ALERTMANAGER_CONFIG = ROOT / "alerts" / "alertmanager.yml"
 
 # Shorter `for:` durations for a test run; thresholds themselves stay as configured.
 TEST_THRESHOLDS = {
@@ -229,15 +228,15 @@ class AlertStack:
         (secrets / "slack_webhook_url").write_text(self.slack.url + "\n")
         # Alertmanager uses the file's whole content as the password: no trailing newline.
         (secrets / "smtp_password").write_text(SMTP_PASSWORD)
-        config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-        config["global"]["smtp_smarthost"] = f"localhost:{self.mail.port}"
-        config["global"]["smtp_require_tls"] = False
-        config["global"]["smtp_auth_password_file"] = str(secrets / "smtp_password")
-        config["templates"] = [str(ALERTMANAGER_CONFIG.parent / t) for t in config["templates"]]
-        config["route"].update(group_wait="1s", group_interval="1s")
-        for receiver in config["receivers"]:
-            for slack in receiver.get("slack_configs", []):
-                slack["api_url_file"] = str(secrets / "slack_webhook_url")
+        config = alertmanager_config(
+            slack_url_file=secrets / "slack_webhook_url",
+            group_interval="1s",
+            smtp={
+                "smtp_smarthost": f"localhost:{self.mail.port}",
+                "smtp_require_tls": False,
+                "smtp_auth_password_file": str(secrets / "smtp_password"),
+            },
+        )
         path = directory / "alertmanager.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = directory / "alertmanager.log"
@@ -261,21 +260,13 @@ class AlertStack:
         directory.mkdir(parents=True)
         rules = directory / "alert-rules.yml"
         rules.write_text(render(**self.thresholds))
-        config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-        config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-        config["rule_files"] = [
-            str(PROMETHEUS_CONFIG.parent / "rules" / "recording.yml"),
-            str(rules),
-        ]
-        config["alerting"]["alertmanagers"] = [
-            {"static_configs": [{"targets": [f"127.0.0.1:{self.alertmanager_port}"]}]}
-        ]
-        for job in config["scrape_configs"]:
-            for file_sd in job.get("file_sd_configs", []):
-                file_sd["files"] = [str(self.workdir / f) for f in file_sd["files"]]
-                file_sd["refresh_interval"] = "1s"
-            for static in job.get("static_configs", []):
-                static["targets"] = [f"127.0.0.1:{self.prometheus_port}"]
+        config = prometheus_config(
+            targets_dir=self.targets.directory,
+            alert_rules=rules,
+            alertmanager=f"127.0.0.1:{self.alertmanager_port}",
+            own=f"127.0.0.1:{self.prometheus_port}",
+            interval="1s",
+        )
         path = directory / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = directory / "prometheus.log"
@@ -344,7 +335,7 @@ class TrainingJob:
         self.stack = stack
         self.job_id = job_id
         self.node = node
-        self.base_port = _free_port_block(processes)
+        self.base_port = free_port_block(processes)
         self.log = stack.workdir / f"{job_id}.log"
         env = {
             **os.environ,
@@ -408,24 +399,6 @@ class TrainingJob:
         self._watcher.join(5)
 
 
-def _free_port_block(count: int) -> int:
-    for _ in range(200):
-        base = free_port()
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no block of {count} free ports")
-
-
 @contextlib.contextmanager
 def alert_stack(workdir: pathlib.Path, **thresholds: object) -> Iterator[AlertStack]:
     stack = AlertStack(workdir, {**TEST_THRESHOLDS, **thresholds})
@@ -433,3 +406,45 @@ def alert_stack(workdir: pathlib.Path, **thresholds: object) -> Iterator[AlertSt
         yield stack
     finally:
         stack.close()
+
+
+# The scripted NVML double's GPUs, by index: what a rank names in UGRO_GPU_UUIDS to be joined
+# with the exporter's readings of that GPU.
+FAKE_GPU_UUIDS = [f"GPU-{i:08x}-1111-2222-3333-444455556666" for i in range(8)]
+
+
+@contextlib.contextmanager
+def fake_gpu_exporter(
+    stack: AlertStack,
+    node: str = "node-a",
+    gpus: int = 2,
+    control_dir: pathlib.Path | None = None,
+) -> Iterator[subprocess.Popen]:
+    """The node's ugro-exporter with ``gpus`` scripted H100s, registered as ugro-launch
+    registers it. ``control_dir`` lets a test inject XIDs or lost GPUs (fake_nvml.py)."""
+    port = free_port()
+    env = {**os.environ, "UGRO_FAKE_NVML_GPUS": str(gpus)}
+    if control_dir is not None:
+        env["UGRO_FAKE_NVML_CONTROL"] = str(control_dir)
+    with open(stack.workdir / f"exporter-{node}.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ugro.exporter",
+                f"--listen=127.0.0.1:{port}",
+                f"--node={node}",
+                "--poll-interval=1",
+                "--nvml-module=tests.exporter.fake_nvml:from_environment",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        try:
+            stack.targets.register_node(node, "127.0.0.1", port)
+            yield process
+        finally:
+            process.terminate()
+            process.wait(timeout=10)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.alerts.stack import AlertStack, TrainingJob, free_port
+from tests.alerts.stack import AlertStack, TrainingJob, fake_gpu_exporter
 from tests.support import wait_for
 
 SMALL_MODEL = ["--batch-size", "8", "--context", "32", "--width", "64", "--depth", "1"]
@@ -39,27 +37,8 @@ def stack(tmp_path, request):
 @pytest.fixture
 def exporter(stack):
     """The node's ugro-exporter, registered like ugro-launch registers it."""
-    port = free_port()
-    log = open(stack.workdir / "exporter.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ugro.exporter",
-            f"--listen=127.0.0.1:{port}",
-            "--node=node-a",
-            "--poll-interval=1",
-            "--nvml-module=tests.exporter.fake_nvml:from_environment",
-        ],
-        env={**os.environ, "UGRO_FAKE_NVML_GPUS": "2"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    stack.targets.register_node("node-a", "127.0.0.1", port)
-    yield process
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
+    with fake_gpu_exporter(stack) as process:
+        yield process
 
 
 @pytest.fixture

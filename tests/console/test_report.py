@@ -23,7 +23,6 @@ import http.client
 import io
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 import pytest
 from rich.console import Console
 
-from tests.alerts.stack import AlertStack, TrainingJob, free_port
+from tests.alerts.stack import FAKE_GPU_UUIDS, AlertStack, TrainingJob, fake_gpu_exporter, free_port
 from tests.support import Samples, sample, sample_values, scrape, wait_for
 from ugro.console import cli, report
 from ugro.console.lifetime import JobReport, parse_duration
@@ -60,7 +59,6 @@ GPU_JOB_ARGS = [
 CPU_JOB_ARGS = [*MODEL, f"--steps={CPU_STEPS}", f"--batch-size={CPU_BATCH}", "--linger=5"]
 # The fake NVML's GPU i (tests/exporter/fake_nvml.py: h100s): utilisation 90 - i %,
 # memory used 20 + i GiB, temperature 60 + i °C.
-FAKE_GPU_UUIDS = [f"GPU-{i:08x}-1111-2222-3333-444455556666" for i in range(2)]
 GIB = 1024**3
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -159,36 +157,16 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exporter(stack):
-    port = free_port()
-    log = open(stack.workdir / "exporter.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ugro.exporter",
-            f"--listen=127.0.0.1:{port}",
-            "--node=node-a",
-            "--poll-interval=1",
-            "--nvml-module=tests.exporter.fake_nvml:from_environment",
-        ],
-        env={**os.environ, "UGRO_FAKE_NVML_GPUS": "2"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    stack.targets.register_node("node-a", "127.0.0.1", port)
-    # No need to wait for its first scrape: it serves within a second, and the jobs' ranks
-    # take several seconds to import torch before their first step.
-    yield process
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
+    """The node's ugro-exporter with two fake H100s, whose UUIDs the ranks claim."""
+    with fake_gpu_exporter(stack) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def runs(stack, exporter, tmp_path_factory):
     """Both jobs, run to completion once; what their ranks did, keyed by job id."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UGRO_GPU_UUIDS", ",".join(FAKE_GPU_UUIDS))
+        patch.setenv("UGRO_GPU_UUIDS", ",".join(FAKE_GPU_UUIDS[:2]))
         gpu_job = TrainingJob(stack, GPU_JOB, GPU_JOB_ARGS)
     started = [gpu_job]
     try:

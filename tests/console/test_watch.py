@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rich.console import Console
 
-from tests.alerts.stack import AlertStack, TrainingJob, free_port
+from tests.alerts.stack import FAKE_GPU_UUIDS, AlertStack, TrainingJob, fake_gpu_exporter, free_port
 from tests.support import wait_for
 from ugro.console.servers import Alertmanager, Prometheus
 from ugro.console.watch import (
@@ -39,7 +39,6 @@ from ugro.console.watch import (
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL_MODEL = ["--batch-size", "8", "--context", "32", "--width", "64", "--depth", "1"]
 # The fake NVML's GPUs (tests/exporter/fake_nvml.py), one per local rank.
-FAKE_GPU_UUIDS = [f"GPU-{i:08x}-1111-2222-3333-444455556666" for i in range(2)]
 NOW = 1_800_000_000.0
 LOSS_SPIKE_SUMMARY = "A rank's loss jumped well above its own recent level"
 
@@ -316,33 +315,13 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exporter(stack):
     """The node's ugro-exporter with two fake H100s, whose UUIDs the ranks claim."""
-    port = free_port()
-    log = open(stack.workdir / "exporter.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ugro.exporter",
-            f"--listen=127.0.0.1:{port}",
-            "--node=node-a",
-            "--poll-interval=1",
-            "--nvml-module=tests.exporter.fake_nvml:from_environment",
-        ],
-        env={**os.environ, "UGRO_FAKE_NVML_GPUS": "2"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    stack.targets.register_node("node-a", "127.0.0.1", port)
-    yield process
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
+    with fake_gpu_exporter(stack) as process:
+        yield process
 
 
 def start_job(stack: AlertStack, job_id: str, *trainer_args: str) -> TrainingJob:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UGRO_GPU_UUIDS", ",".join(FAKE_GPU_UUIDS))
+        patch.setenv("UGRO_GPU_UUIDS", ",".join(FAKE_GPU_UUIDS[:2]))
         return TrainingJob(stack, job_id, [*SMALL_MODEL, *trainer_args])
 
 

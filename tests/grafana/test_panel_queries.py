@@ -13,22 +13,25 @@ least one series.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.parse
 
 import pytest
 
-from tests.alerts.stack import AlertStack, TrainingJob, free_port, http_json
+from tests.alerts.stack import (
+    FAKE_GPU_UUIDS,
+    AlertStack,
+    TrainingJob,
+    fake_gpu_exporter,
+    http_json,
+)
 from tests.grafana.dashboards import DASHBOARD_FILES, load, targets, variables
 from tests.support import wait_for
 
 JOB_ID = "dash-run"
 NODE = "node-a"
-GPU_UUIDS = [f"GPU-{i:08x}-1111-2222-3333-444455556666" for i in range(2)]  # the double's
 RATE_INTERVAL = "10s"  # what Grafana picks for a 1 s scrape interval at a short time range
 SUBSTITUTIONS = {
     "$__rate_interval": RATE_INTERVAL,
@@ -59,70 +62,51 @@ def firing_alerts(stack: AlertStack, **labels: str) -> list[str]:
 def run(tmp_path_factory):
     """A live run with a straggling rank and an XID, every alert panel's reason to show."""
     workdir = tmp_path_factory.mktemp("dashboards")
-    stack = AlertStack(workdir)
     control = workdir / "nvml-control"
     control.mkdir()
-    exporter_port = free_port()
-    exporter_log = open(workdir / "exporter.log", "wb")  # noqa: SIM115 - closed below
-    exporter = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ugro.exporter",
-            f"--listen=127.0.0.1:{exporter_port}",
-            f"--node={NODE}",
-            "--poll-interval=1",
-            "--nvml-module=tests.exporter.fake_nvml:from_environment",
-        ],
-        env={**os.environ, "UGRO_FAKE_NVML_GPUS": "2", "UGRO_FAKE_NVML_CONTROL": str(control)},
-        stdout=exporter_log,
-        stderr=subprocess.STDOUT,
-    )
-    job = None
-    try:
-        stack.targets.register_node(NODE, "127.0.0.1", exporter_port)
+    with contextlib.ExitStack() as cleanup:
+        stack = AlertStack(workdir)
+        cleanup.callback(stack.close)
+        cleanup.enter_context(fake_gpu_exporter(stack, NODE, gpus=2, control_dir=control))
         with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("UGRO_GPU_UUIDS", ",".join(GPU_UUIDS))  # read by each rank
+            patch.setenv("UGRO_GPU_UUIDS", ",".join(FAKE_GPU_UUIDS[:2]))  # read by each rank
             job = TrainingJob(
                 stack,
                 JOB_ID,
                 [*SMALL_MODEL, "--steps", "1000000", "--fault-rank=1", "--slow-factor=4"],
                 node=NODE,
             )
+        cleanup.callback(job.stop)
         started = time.time()
-        wait_for(
-            lambda: len(stack.query(f'up{{job_id="{JOB_ID}"}} == 1')) == 2, 90, "both ranks up"
-        )
-        wait_for(
-            lambda: stack.query(f'job_rank:ugro_gpu_utilization:ratio{{job_id="{JOB_ID}"}}'),
-            60,
-            "the ranks' GPUs joined with the exporter's",
-        )
-        (control / "xid").write_text("0 79\n")  # GPU 0 fell off the bus, as the driver says
-        wait_for(
-            lambda: "TrainingStragglerRank" in firing_alerts(stack, job_id=JOB_ID),
-            120,
-            "the straggler alert firing",
-        )
-        wait_for(
-            lambda: firing_alerts(stack, alertname="GpuXidError", node=NODE),
-            60,
-            "the XID alert firing",
-        )
+        try:
+            wait_for(
+                lambda: len(stack.query(f'up{{job_id="{JOB_ID}"}} == 1')) == 2,
+                90,
+                "both ranks up",
+            )
+            wait_for(
+                lambda: stack.query(f'job_rank:ugro_gpu_utilization:ratio{{job_id="{JOB_ID}"}}'),
+                60,
+                "the ranks' GPUs joined with the exporter's",
+            )
+            (control / "xid").write_text("0 79\n")  # GPU 0 fell off the bus, the driver says
+            wait_for(
+                lambda: "TrainingStragglerRank" in firing_alerts(stack, job_id=JOB_ID),
+                120,
+                "the straggler alert firing",
+            )
+            wait_for(
+                lambda: firing_alerts(stack, alertname="GpuXidError", node=NODE),
+                60,
+                "the XID alert firing",
+            )
+        except BaseException:
+            for log in sorted(workdir.rglob("*.log")):
+                print(f"--- {log.name}", log.read_text()[-3000:], sep="\n")
+            raise
         # A few more scrapes, so every rate window has points.
         time.sleep(3)
         yield stack, started, time.time()
-    except BaseException:
-        for log in sorted(workdir.rglob("*.log")):
-            print(f"--- {log.name}", log.read_text()[-3000:], sep="\n")
-        raise
-    finally:
-        if job is not None:
-            job.stop()
-        exporter.terminate()
-        exporter.wait(timeout=10)
-        exporter_log.close()
-        stack.close()
 
 
 def run_target(stack: AlertStack, target: dict, start: float, end: float) -> list[dict]:
