@@ -5,6 +5,7 @@ runs a monitored job on this machine from end to end."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .servers import default_alertmanager_url, default_prometheus_url
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Python raises KeyboardInterrupt on Ctrl-C only if SIGINT was at its default when it
+    # started; a background job of a non-interactive shell (`cmd &`, nohup, some CI runners)
+    # inherits it ignored, and Ctrl-C would then be dropped silently. Always listen.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,9 @@
 4. stops everything it started (``--keep`` leaves Prometheus and Alertmanager running after a
    demo that completed, for PromQL exploration).
 
-Ctrl-C at any moment stops the job and everything else, ``--keep`` or not.
+Ctrl-C, SIGTERM or a closed terminal (SIGHUP) at any moment stops the job and everything else,
+``--keep`` or not. If the demo itself is killed (SIGKILL), its guard process stops them
+(console/guard.py).
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import yaml
 from rich.console import Console
 
 from . import report, watch
+from .guard import Ledger, start_guard
 from .localstack import (
     LocalStack,
     NotificationReceiver,
     StackError,
     free_port,
     free_port_block,
-    stop_process,
 )
 from .servers import Alertmanager, Prometheus
 
@@ -47,6 +49,7 @@ FAULT_STEPS = 5  # consecutive steps whose loss is NaN on the faulty rank
 FAULT_RANK = 1
 # After the job ends, how long to wait for the alert's "resolved" notification.
 RESOLVE_WAIT_SECONDS = 45
+GUARD_EXIT_SECONDS = 10  # with an empty ledger it exits at once
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -88,9 +91,11 @@ class Demo:
         self.receiver: NotificationReceiver | None = None
         self.stack: LocalStack | None = None
         self.exporter: subprocess.Popen | None = None
+        self.ledger: Ledger | None = None  # what the demo started and must stop
+        self.guard: subprocess.Popen | None = None
+        self.guard_pipe: int | None = None  # the guard stops the ledger's entries at its EOF
         self.job_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         self.env = {**os.environ, "UGRO_STATE_DIR": str(self.state_dir / "jobs")}
-        self.job_started = False
         self.completed = False  # --keep applies only to a demo that ran to its end
         self.notifications: list[str] = []
         self._lock = threading.Lock()
@@ -121,10 +126,18 @@ class Demo:
             shutil.rmtree(self.state_dir)
         self.state_dir.mkdir(parents=True)
 
+    def start_guard(self) -> None:
+        """Before anything else starts: whatever the ledger lists is stopped by the guard
+        when this process exits, even by SIGKILL."""
+        self.ledger = Ledger(self.state_dir / "started.json")
+        self.guard, self.guard_pipe = start_guard(self.ledger, self.state_dir / "guard.log")
+
     def start_stack(self) -> None:
         self.stage("starting Prometheus, Alertmanager and a local Slack webhook")
         self.receiver = NotificationReceiver(self.notify)
-        self.stack = LocalStack(self.state_dir, self.receiver.url)
+        self.stack = LocalStack(
+            self.state_dir, self.receiver.url, on_started=self.ledger.add_process
+        )
         self.stack.start()
         self.console.print(
             f"    Prometheus {self.stack.prometheus_url}   "
@@ -142,6 +155,7 @@ class Demo:
                 stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
+        self.ledger.add_process("ugro-exporter", self.exporter.pid)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.exporter.poll() is not None:
@@ -189,14 +203,23 @@ class Demo:
             f"--fault-rank={FAULT_RANK}", f"--nonfinite-loss-from={fault_at}",
             f"--nonfinite-loss-steps={FAULT_STEPS}",
         ]  # fmt: skip
-        self.job_started = True
-        result = subprocess.run(
-            command, env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True
-        )
-        for line in result.stdout.splitlines():
+        self.ledger.add_job(self.job_id, self.state_dir / "jobs")
+        # Output to files, not pipes: a launcher rolling back after Ctrl-C must never block
+        # on a pipe that nobody reads any more.
+        stdout, stderr = self.state_dir / "launch.out", self.state_dir / "launch.err"
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            launcher = subprocess.Popen(
+                command, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
+        self.ledger.add_process("ugro-launch run", launcher.pid, kind="launcher")
+        returncode = launcher.wait()
+        self.ledger.forget_process("ugro-launch run")
+        for line in stdout.read_text(errors="replace").splitlines():
             self.console.print(f"    {line}", markup=False, highlight=False)
-        if result.returncode != 0:
-            raise StackError(f"ugro-launch failed (exit {result.returncode}):\n{result.stderr}")
+        if returncode != 0:
+            raise StackError(
+                f"ugro-launch failed (exit {returncode}):\n{stderr.read_text(errors='replace')}"
+            )
 
     def follow(self) -> int:
         self.stage(f"ugro watch {self.job_id} (until the job ends; Ctrl-C stops the demo)")
@@ -252,31 +275,30 @@ class Demo:
             self.console.print(f"  {line}", markup=False, highlight=False)
 
     def stop_everything(self) -> None:
-        if self.job_started:
-            subprocess.run(
-                [sys.executable, "-m", "ugro.launcher.cli", "stop", self.job_id],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=60,
+        if self.stack is not None and self.args.keep and self.completed:
+            for name in self.stack.pids():
+                self.ledger.forget_process(name)  # handed to the user
+            pids = " ".join(str(pid) for pid in self.stack.pids().values())
+            self.stage("left running (--keep):")
+            self.console.print(
+                f"    Prometheus   {self.stack.prometheus_url}  (try: "
+                f'job:ugro_train_loss:mean5m{{job_id="{self.job_id}"}})\n'
+                f"    Alertmanager {self.stack.alertmanager_url}\n"
+                f"    stop them with: kill {pids}",
+                highlight=False,
             )
-        if self.exporter is not None:
-            stop_process(self.exporter)
-        if self.stack is not None:
-            if self.args.keep and self.completed:
-                pids = " ".join(str(pid) for pid in self.stack.pids().values())
-                self.stage("left running (--keep):")
-                self.console.print(
-                    f"    Prometheus   {self.stack.prometheus_url}  (try: "
-                    f'job:ugro_train_loss:mean5m{{job_id="{self.job_id}"}})\n'
-                    f"    Alertmanager {self.stack.alertmanager_url}\n"
-                    f"    stop them with: kill {pids}",
-                    highlight=False,
-                )
-            else:
-                self.stack.stop()
+        if self.ledger is not None:
+            self.ledger.stop_all(lambda text: self.console.print(f"    {text}", highlight=False))
         if self.receiver is not None:
             self.receiver.close()
+        if self.guard is not None:
+            os.close(self.guard_pipe)  # the guard finds the ledger empty and exits
+            try:
+                self.guard.wait(timeout=GUARD_EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.console.print(
+                    f"[yellow]    the guard did not exit; see {self.state_dir / 'guard.log'}[/]"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,10 +306,14 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     demo = Demo(args, console)
     started = time.monotonic()
-    # SIGTERM (a CI runner's timeout, `kill`) tears down like Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C, SIGTERM (a CI runner's timeout, `kill`) and SIGHUP (the terminal closed) all
+    # tear down. SIGINT is set here too, explicitly: a demo started with SIGINT ignored (a
+    # background job of a non-interactive shell) would otherwise never see Ctrl-C.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         demo.check_prerequisites()
+        demo.start_guard()
         demo.start_stack()
         exporter_port = demo.start_exporter()
         demo.launch(demo.write_inventory(exporter_port))
@@ -310,10 +336,16 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         # A second Ctrl-C must not cut the teardown short and leave processes behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # (A handler that does nothing, not SIG_IGN: an ignored signal would stay ignored in
+        # the processes the teardown starts.)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _ignore)
         demo.stop_everything()
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass

@@ -195,9 +195,12 @@ class LocalStack:
         *,
         prometheus_port: int = 9090,
         alertmanager_port: int = 9093,
+        on_started: Callable[[str, int], None] = lambda name, pid: None,
     ) -> None:
         self.state_dir = state_dir
         self.slack_url = slack_url
+        # Told each server's name and pid the moment it exists, before it is ready.
+        self.on_started = on_started
         self.targets_dir = state_dir / "targets"
         self.prometheus_port = free_port(prometheus_port)
         self.alertmanager_port = free_port(alertmanager_port)
@@ -287,6 +290,7 @@ class LocalStack:
                 start_new_session=True,
             )
         self.processes[name] = process
+        self.on_started(name, process.pid)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if process.poll() is not None:

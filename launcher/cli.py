@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pathlib
 import re
+import signal
 import sys
 import time
 
@@ -72,6 +74,9 @@ class UsageError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C must work even when SIGINT was inherited ignored (a background job of a
+    # non-interactive shell), in which case Python would not raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         split = argv.index("--")
@@ -92,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ugro-launch: interrupted", file=sys.stderr)
         return 130
+
+
+def interrupt_once() -> None:
+    """Ctrl-C, SIGTERM (``kill``, a CI timeout) and SIGHUP (a closed terminal) raise
+    KeyboardInterrupt once, so that a launch rolls back; a second signal must not cut that
+    rollback short, and is only acknowledged."""
+
+    def interrupted(signum: int, _frame: object) -> None:
+        for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(each, acknowledge)
+        raise KeyboardInterrupt
+
+    def acknowledge(signum: int, _frame: object) -> None:
+        os.write(2, b"ugro-launch: still stopping what was started; please wait\n")
+
+    for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(each, interrupted)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -199,6 +221,7 @@ def default_job_id(command: list[str]) -> str:
 
 
 def run_job(args: argparse.Namespace, command: list[str]) -> int:
+    interrupt_once()
     inventory = load_inventory(args.inventory)
     plan = build_plan(args, command, inventory)
     print(
@@ -235,7 +258,9 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
     plan = plan_from_record(record, load_inventory(record.inventory))
     with NodeSet(plan.inventory, plan.nodes, ssh_options(args)) as nodes:
         answers = node_statuses(plan, nodes)
-    print(f"job {record.job_id}: {record.state} (started {_when(record.started_at)})")
+    print(f"job {record.job_id}: {record.shown_state} (started {_when(record.started_at)})")
+    if record.shown_state == records.INTERRUPTED:
+        print(f"  its launch was interrupted: `ugro-launch stop {record.job_id}` stops it")
     for node in plan.nodes:
         answer = answers[node.name]
         if isinstance(answer, Exception):
@@ -249,9 +274,23 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
 
 def stop_command(args: argparse.Namespace, command: list[str]) -> int:
     record = records.load_record(args.job_id)
+    if record.state == records.LAUNCHING and records.process_alive(record.launcher):
+        # Its launcher is still starting it: interrupted, it rolls back everything it started
+        # (stopping the nodes behind its back could race a start still under way).
+        print(f"job {record.job_id} is being launched: interrupting its launcher", flush=True)
+        if not interrupt_launcher(record.launcher):
+            raise LaunchError(
+                f"the launcher of job {record.job_id} (pid {int(record.launcher[0])}) did not "
+                f"end within {LAUNCHER_STOP_SECONDS:g} s; try again"
+            )
+        try:
+            record = records.load_record(args.job_id)
+        except records.RecordError:
+            print(f"job {args.job_id}: its launch was rolled back; nothing is left")
+            return 0
     plan = plan_from_record(record, load_inventory(record.inventory))
-    if record.state == records.RUNNING:
-        record = replace_state(record, state=records.STOPPED, ended_at=time.time())
+    if record.state in (records.RUNNING, records.LAUNCHING):
+        record = replace_state(record, state=records.STOPPED, ended_at=time.time(), launcher=None)
     stop_watcher(record)
     results = stop_job(plan, ssh_options(args))
     failed = False
@@ -263,6 +302,24 @@ def stop_command(args: argparse.Namespace, command: list[str]) -> int:
             print(f"  {name:<16} {result.get('state')}")
     print(f"job {record.job_id}: targets removed" + (", some nodes not stopped" if failed else ""))
     return 1 if failed else 0
+
+
+LAUNCHER_STOP_SECONDS = 120.0  # a rollback stops every node, with the agent's grace period
+
+
+def interrupt_launcher(ref: list[float]) -> bool:
+    """SIGTERM the launcher of ``ref`` and wait for its rollback; True once it has ended."""
+    try:
+        psutil.Process(int(ref[0])).terminate()
+    except psutil.NoSuchProcess:
+        return True
+    deadline = time.monotonic() + LAUNCHER_STOP_SECONDS
+    # Not psutil's wait(): an exited launcher stays a zombie until its own parent reaps it.
+    while records.process_alive(ref):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def stop_watcher(record: records.JobRecord) -> None:
@@ -304,9 +361,9 @@ def list_jobs(args: argparse.Namespace, command: list[str]) -> int:
     if not jobs:
         print(f"no jobs recorded in {records.state_dir()}")
         return 0
-    print(f"{'job':<40} {'state':<9} {'started':<19} nodes × ranks per node")
+    print(f"{'job':<40} {'state':<11} {'started':<19} nodes × ranks per node")
     for job in jobs:
-        print(f"{job.job_id:<40} {job.state:<9} {_when(job.started_at):<19} "
+        print(f"{job.job_id:<40} {job.shown_state:<11} {_when(job.started_at):<19} "
               f"{','.join(job.nodes)} × {job.nproc_per_node}")  # fmt: skip
     return 0
 

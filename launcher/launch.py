@@ -9,7 +9,6 @@ targets are removed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import subprocess
@@ -147,54 +146,13 @@ def failed_nodes(results: dict[str, dict[str, Any] | Exception]) -> list[str]:
 
 
 def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
-    if records.record_path(plan.job_id).exists():
-        raise LaunchError(
-            f"job {plan.job_id!r} already exists ({records.record_path(plan.job_id)}); choose "
-            "another --job-id, or `ugro-launch stop` it first"
-        )
-    targets = targets_for(plan.inventory, options)
-    began = time.perf_counter()
-    with NodeSet(plan.inventory, plan.nodes, options) as nodes:
-        checks = preflight(plan, nodes)
-        say(preflight_table(checks, list(plan.nodes)))
-        preflight_done = time.perf_counter()
-        bad = failed_nodes(checks)
-        if bad:
-            raise LaunchError(f"preflight failed on {', '.join(bad)}: nothing was started")
+    """Start the job everywhere, or nowhere.
 
-        exporters = nodes.each(lambda node: _ensure_exporter(plan, nodes, node))
-        exporters_done = time.perf_counter()
-        problems = {name: r for name, r in exporters.items() if isinstance(r, Exception)}
-        if problems:
-            raise LaunchError(_per_node("ugro-exporter could not be started", problems))
-
-        started = nodes.each(lambda node: _start(plan, nodes, node))
-        started_done = time.perf_counter()
-        problems = {name: r for name, r in started.items() if isinstance(r, Exception)}
-        if problems:
-            stop_nodes(plan, nodes, [n for n in plan.nodes if n.name not in problems])
-            raise LaunchError(
-                _per_node("torchrun could not be started", problems)
-                + "\nthe job was stopped on the other nodes"
-            )
-
-        try:
-            for node in plan.nodes:
-                targets.register_node(node.name, node.host, plan.inventory.defaults.exporter_port)
-            targets.register_job(plan.job_id, plan.rank_endpoints())
-        except (OSError, RemoteError) as error:
-            stop_nodes(plan, nodes, list(plan.nodes))
-            _remove_targets(targets, plan.job_id)
-            raise LaunchError(
-                f"cannot write Prometheus targets in {plan.inventory.prometheus.targets_dir}: "
-                f"{error}; the job was stopped"
-            ) from error
-
-    say(
-        f"preflight {preflight_done - began:.1f} s, exporters {exporters_done - preflight_done:.1f}"
-        f" s, torchrun {started_done - exporters_done:.1f} s, targets "
-        f"{time.perf_counter() - started_done:.1f} s"
-    )
+    The job's record is written (state LAUNCHING) before anything starts on a node, so a
+    launcher killed half-way leaves a record that ``ugro-launch status`` and ``stop`` find.
+    Any failure or interruption (Ctrl-C, SIGTERM, SIGHUP) stops what was started, removes the
+    job's targets and deletes the record; a rollback that cannot finish keeps the record.
+    """
     record = records.JobRecord(
         job_id=plan.job_id,
         inventory=str(plan.inventory.path.resolve()),
@@ -203,12 +161,117 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
         command=list(plan.command),
         rdzv_port=plan.rdzv_port,
         started_at=time.time(),
-        node_states={name: result for name, result in started.items()},
+        state=records.LAUNCHING,
+        launcher=records.process_ref(os.getpid()),
     )
+    try:
+        record.create()
+    except records.RecordExists:
+        raise LaunchError(
+            f"job {plan.job_id!r} already exists ({record.path}); choose "
+            "another --job-id, or `ugro-launch stop` it first"
+        ) from None
+    try:
+        targets = targets_for(plan.inventory, options)
+        nodes = NodeSet(plan.inventory, plan.nodes, options)
+    except BaseException:
+        record.delete()
+        raise
+    with nodes:
+        began = time.perf_counter()
+        try:
+            _prepare(plan, nodes, say)
+        except BaseException:  # nothing of the job was started yet (exporters are the node's)
+            record.delete()
+            raise
+        prepared = time.perf_counter()
+        try:
+            started = _start_everywhere(plan, nodes, targets)
+        except BaseException:
+            _roll_back(plan, nodes, targets, record)
+            raise
+        say(
+            f"torchrun and targets {time.perf_counter() - prepared:.1f} s "
+            f"(launch {time.perf_counter() - began:.1f} s)"
+        )
+    record.state = records.RUNNING
+    record.launcher = None
+    record.node_states = started
+    record.started_at = time.time()
     record.save()
     record.watcher_pid = start_watcher(record, options)
     record.save()
     return record
+
+
+def _prepare(plan: JobPlan, nodes: NodeSet, say: Print) -> None:
+    """Preflight every node, then make sure its exporter runs; LaunchError names the nodes."""
+    began = time.perf_counter()
+    checks = preflight(plan, nodes)
+    say(preflight_table(checks, list(plan.nodes)))
+    bad = failed_nodes(checks)
+    if bad:
+        raise LaunchError(f"preflight failed on {', '.join(bad)}: nothing was started")
+    preflight_done = time.perf_counter()
+    exporters = nodes.each(lambda node: _ensure_exporter(plan, nodes, node))
+    problems = {name: r for name, r in exporters.items() if isinstance(r, Exception)}
+    if problems:
+        raise LaunchError(_per_node("ugro-exporter could not be started", problems))
+    say(
+        f"preflight {preflight_done - began:.1f} s, "
+        f"exporters {time.perf_counter() - preflight_done:.1f} s"
+    )
+
+
+def _start_everywhere(
+    plan: JobPlan, nodes: NodeSet, targets: LocalTargets | RemoteTargets
+) -> dict[str, Any]:
+    """torchrun on every node, then the targets; LaunchError names the nodes."""
+    started = nodes.each(lambda node: _start(plan, nodes, node))
+    problems = {name: r for name, r in started.items() if isinstance(r, Exception)}
+    if problems:
+        raise LaunchError(
+            _per_node("torchrun could not be started", problems)
+            + "\nthe job was stopped on the other nodes"
+        )
+
+    try:
+        for node in plan.nodes:
+            targets.register_node(node.name, node.host, plan.inventory.defaults.exporter_port)
+        targets.register_job(plan.job_id, plan.rank_endpoints())
+    except (OSError, RemoteError) as error:
+        raise LaunchError(
+            f"cannot write Prometheus targets in {plan.inventory.prometheus.targets_dir}: "
+            f"{error}; the job was stopped"
+        ) from error
+    return started
+
+
+def _roll_back(
+    plan: JobPlan,
+    nodes: NodeSet,
+    targets: LocalTargets | RemoteTargets,
+    record: records.JobRecord,
+) -> None:
+    """Undo a launch that failed or was interrupted at any point: stop the job on every node
+    (a node where it never started answers "unknown"), remove its targets, forget the record.
+    If a node cannot be told, the record stays, so ``ugro-launch stop`` can try again."""
+    results = stop_nodes(plan, nodes, list(plan.nodes))
+    unreached = [name for name, result in results.items() if isinstance(result, Exception)]
+    try:
+        targets.remove_job(plan.job_id)
+    except (OSError, RemoteError):
+        unreached.append("the Prometheus targets")
+    if unreached:
+        record.state = records.FAILED
+        record.launcher = None
+        record.ended_at = time.time()
+        record.node_states = {name: {"state": "unreachable", "reason": str(result)}
+                              for name, result in results.items()
+                              if isinstance(result, Exception)}  # fmt: skip
+        record.save()
+    else:
+        record.delete()
 
 
 def _ensure_exporter(plan: JobPlan, nodes: NodeSet, node: Node) -> dict[str, Any]:
@@ -254,12 +317,6 @@ def stop_nodes(plan: JobPlan, nodes: NodeSet, which: list[Node]) -> dict[str, An
         )
 
     return nodes.each(stop, which)
-
-
-def _remove_targets(targets: LocalTargets | RemoteTargets, job_id: str) -> None:
-    # Reported by the caller's error; `ugro-launch stop` can be repeated.
-    with contextlib.suppress(OSError, RemoteError):
-        targets.remove_job(job_id)
 
 
 def _per_node(what: str, problems: dict[str, Exception]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from .inventory import Inventory, Node
@@ -77,9 +77,26 @@ class NodeSet:
 
         if not targets:
             return {}
-        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-            results = list(pool.map(guarded, targets))
+        pool = ThreadPoolExecutor(max_workers=len(targets))
+        futures = [pool.submit(guarded, node) for node in targets]
+        try:
+            results = [future.result() for future in futures]
+        finally:
+            # An interrupt (Ctrl-C) still lets every node's action finish: a rollback must
+            # not race a start that is still under way on some node.
+            _wait_uninterrupted(futures)
+            pool.shutdown(wait=True)
         return {node.name: result for node, result in zip(targets, results, strict=True)}
+
+
+def _wait_uninterrupted(futures: list[Future]) -> None:
+    pending = list(futures)
+    while pending:
+        try:
+            wait(pending)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _explain(exit_code: int, stderr: str, nodes: NodeSet) -> str:

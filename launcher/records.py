@@ -8,12 +8,15 @@ Location: ``$UGRO_STATE_DIR``, else ``$XDG_STATE_HOME/ugro/jobs``, else
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import psutil
 
 from .targets import write_atomically
 
@@ -23,6 +26,9 @@ JOB_ID_EXPECTED = "1-128 letters, digits, '.', '_' or '-', starting with a lette
 # A job's states, as `status` and `list` show them.
 RUNNING, FINISHED, FAILED, STOPPED = "running", "finished", "failed", "stopped"
 LOST = "lost"  # its nodes stopped answering before it ended
+# Written before anything starts on a node, so that a launcher killed half-way leaves a record
+# that `ugro-launch stop` can act on. Shown as INTERRUPTED once that launcher is gone.
+LAUNCHING, INTERRUPTED = "launching", "interrupted"
 
 
 def state_dir() -> pathlib.Path:
@@ -45,13 +51,57 @@ class JobRecord:
     node_states: dict[str, Any] = field(default_factory=dict)  # the agent's last status
     watcher_pid: int | None = None
     ended_at: float | None = None
+    # [pid, create_time] of the ugro-launch process that is starting the job (LAUNCHING only).
+    launcher: list[float] | None = None
 
     @property
     def path(self) -> pathlib.Path:
         return record_path(self.job_id)
 
+    @property
+    def shown_state(self) -> str:
+        """``state``, except that a launch whose launcher died half-way is INTERRUPTED."""
+        if self.state == LAUNCHING and not process_alive(self.launcher):
+            return INTERRUPTED
+        return self.state
+
     def save(self) -> None:
-        write_atomically(self.path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_atomically(self.path, self._text())
+
+    def create(self) -> None:
+        """Save a new record; RecordExists if the job id is taken (two launches, one id)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Reserve the name first: of two launches with one id, exactly one gets it.
+            with open(self.path, "x"):
+                pass
+        except FileExistsError:
+            raise RecordExists(self.path) from None
+        self.save()
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _text(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def process_ref(pid: int) -> list[float]:
+    """``[pid, create_time]``: names one process, not whatever reuses its pid later."""
+    return [pid, psutil.Process(pid).create_time()]
+
+
+def process_alive(ref: list[float] | None) -> bool:
+    if not ref:
+        return False
+    try:
+        process = psutil.Process(int(ref[0]))
+        return (
+            abs(process.create_time() - ref[1]) < 0.01 and process.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False
 
 
 def record_path(job_id: str) -> pathlib.Path:
@@ -59,6 +109,10 @@ def record_path(job_id: str) -> pathlib.Path:
 
 
 class RecordError(LookupError):
+    pass
+
+
+class RecordExists(FileExistsError):
     pass
 
 

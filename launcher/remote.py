@@ -55,7 +55,14 @@ class LocalShell:
     def run(self, argv: list[str], timeout: float | None = 60.0) -> CommandResult:
         try:
             done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                # Out of the terminal's process group: Ctrl-C interrupts the launcher, which
+                # rolls back, never an agent half-way through one action (as over SSH).
+                start_new_session=True,
             )
         except FileNotFoundError as error:
             return CommandResult(127, "", f"{argv[0]}: {error.strerror}\n")

@@ -97,7 +97,12 @@ def test_a_newcomer_runs_make_demo_in_a_fresh_clone(tmp_path):
     assert_nothing_left(clone)
 
 
-def start_demo(state_dir: pathlib.Path, *args: str) -> subprocess.Popen:
+def start_demo(
+    state_dir: pathlib.Path, *args: str, sigint_ignored: bool = False
+) -> subprocess.Popen:
+    """The demo in a process group of its own, as a terminal's foreground job. With
+    ``sigint_ignored`` it starts as a background job of a non-interactive shell does (`cmd &`,
+    nohup, some CI runners): with SIGINT ignored, which Python then leaves ignored."""
     return subprocess.Popen(
         [sys.executable, "-m", "ugro.console", "demo", f"--state-dir={state_dir}", *args],
         cwd=ROOT,
@@ -105,7 +110,10 @@ def start_demo(state_dir: pathlib.Path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
+        start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if sigint_ignored
+        else None,
     )
 
 
@@ -133,25 +141,95 @@ def read_until(process: subprocess.Popen, marker: str, timeout: float) -> str:
     raise AssertionError(f"{marker!r} not printed; output:\n{''.join(seen)}")
 
 
-def test_ctrl_c_stops_the_job_and_everything_the_demo_started(tmp_path):
+@pytest.fixture
+def cpu_hog():
+    """One busy loop per core beside the demo: the load under which CI once saw it hang."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 2)
+    ]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
+def wait_for_stage(demo: subprocess.Popen, state_dir: pathlib.Path, stage: str) -> None:
+    """Block until the demo is at ``stage``: "launching" (ugro-launch has written the job's
+    record and is starting it) or "training" (the live view runs and so do the ranks)."""
+    if stage == "launching":
+        read_until(demo, "==> launching job", 120)
+        wait_for(lambda: list((state_dir / "jobs").glob("demo-*.json")), 60, "the launch under way")
+        return
+    read_until(demo, "==> ugro watch", 120)
+    wait_for(
+        lambda: any("ugro.trainer.train" in line for line in demo_processes(state_dir)),
+        60,
+        "the ranks running",
+    )
+
+
+# How a demo gets interrupted: the signal, whether it goes to the demo's process group (a
+# terminal does that) or to its pid only (`kill`), and when.
+INTERRUPTIONS = {
+    "ctrl-c-training-1": (signal.SIGINT, "group", "training", False),
+    "ctrl-c-training-2": (signal.SIGINT, "group", "training", False),
+    "ctrl-c-training-3": (signal.SIGINT, "group", "training", False),
+    "ctrl-c-launching": (signal.SIGINT, "group", "launching", False),
+    "ctrl-c-sigint-inherited-ignored": (signal.SIGINT, "group", "training", True),
+    "terminal-closed": (signal.SIGHUP, "group", "training", False),
+    "kill-launching": (signal.SIGTERM, "pid", "launching", False),
+}
+
+
+@pytest.mark.parametrize("case", list(INTERRUPTIONS))
+def test_an_interrupted_demo_stops_the_job_and_everything_it_started(tmp_path, cpu_hog, case):
+    signum, target, stage, sigint_ignored = INTERRUPTIONS[case]
     state_dir = tmp_path / "state"
-    demo = start_demo(state_dir, "--steps=100000")
+    demo = start_demo(state_dir, "--steps=100000", sigint_ignored=sigint_ignored)
     try:
-        read_until(demo, "==> ugro watch", 120)
-        # The job's ranks are running before the terminal's Ctrl-C reaches the demo's group.
-        wait_for(
-            lambda: any("ugro.trainer.train" in line for line in demo_processes(state_dir)),
-            60,
-            "the ranks running",
-        )
-        os.killpg(demo.pid, signal.SIGINT)
-        output, _ = demo.communicate(timeout=120)
+        wait_for_stage(demo, state_dir, stage)
+        if target == "group":
+            os.killpg(demo.pid, signum)
+        else:
+            os.kill(demo.pid, signum)
+        output, _ = demo.communicate(timeout=150)
     finally:
         stop_demo(demo)
     assert demo.returncode == 130, output
     assert "interrupted: stopping everything the demo started" in output
     assert "Traceback" not in output
     assert_nothing_left(state_dir)
+    # Nothing left for the guard to do: the demo stopped it all itself.
+    assert "stopping" not in (state_dir / "guard.log").read_text()
+
+
+@pytest.mark.parametrize("stage", ["launching", "training"])
+def test_a_killed_demo_leaves_nothing_running(tmp_path, stage):
+    """SIGKILL (or the OOM killer) gives the demo no chance to tear down: its guard does."""
+    state_dir = tmp_path / "state"
+    demo = start_demo(state_dir, "--steps=100000")
+    try:
+        wait_for_stage(demo, state_dir, stage)
+        os.kill(demo.pid, signal.SIGKILL)
+        demo.communicate(timeout=30)
+        # Ranks, torchrun, the watcher, the exporter and both servers: all gone, within a
+        # bound that covers the launcher's own rollback and the agent's stop grace.
+        deadline = time.monotonic() + 90
+        while demo_processes(state_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert demo_processes(state_dir) == []
+    finally:
+        if demo_processes(state_dir):  # do not leave two ranks training for the next tests
+            for line in demo_processes(state_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    guard_log = (state_dir / "guard.log").read_text()
+    assert "the owner exited without stopping everything it started" in guard_log
+    assert "stopping Prometheus" in guard_log and "stopping Alertmanager" in guard_log
+    assert guard_log.rstrip().endswith("guard: done")
+    # The job's targets are gone too: nothing is left for Prometheus to page about.
+    assert list((state_dir / "targets" / "ranks").glob("*.json")) == []
 
 
 def test_keep_leaves_prometheus_and_alertmanager_running_with_the_job_in_them(tmp_path):
