@@ -200,12 +200,13 @@ def guard(ledger_path: pathlib.Path) -> int:
     # the processes it starts would inherit.)
     for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda _signum, _frame: None)
-    while os.read(sys.stdin.fileno(), 4096):
-        pass  # the owner never writes; EOF means it has exited
 
     def say(text: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} guard: {text}", flush=True)
 
+    say(f"on watch (pid {os.getpid()}) over {ledger_path}")
+    while os.read(sys.stdin.fileno(), 4096):
+        pass  # the owner never writes; EOF means it has exited
     ledger = Ledger.load(ledger_path)
     if ledger.processes or ledger.jobs:
         say("the owner exited without stopping everything it started; stopping the rest")

@@ -674,8 +674,10 @@ def _status(
         return "finished"
     if running:
         return "running"
-    if record is not None and record.state != records.RUNNING:
+    if record is not None and record.state not in (records.RUNNING, records.LAUNCHING):
         return record.state  # the launcher saw how it ended: finished, failed, stopped, lost
+    if record is not None and record.shown_state == records.INTERRUPTED:
+        return records.INTERRUPTED  # its launcher was killed half-way: `ugro-launch stop` it
     if ranks_down:  # TrainingRanksDown fires: its targets stay and nothing answers
         return "failed"
     return "ended" if target is None else "incomplete"

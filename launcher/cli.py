@@ -36,9 +36,13 @@ verbs:
            running, start torchrun on every node, register the ranks with Prometheus
   status   [JOB]  per node: running, finished (exit 0), failed (exit code) or lost
   stop     JOB    terminate the job's processes everywhere (SIGTERM, SIGKILL after 10 s) and
-                  remove its Prometheus targets; safe to repeat
+                  remove its Prometheus targets; safe to repeat. A launch still under way is
+                  interrupted and rolls back; one whose launcher was killed (state
+                  "interrupted") is stopped like a running job
   logs     JOB    the end of a node's torchrun output (--node, --lines, --follow)
   list            the jobs this machine launched, newest last
+
+Ctrl-C, SIGTERM or SIGHUP during `run` stops what was started and forgets the job.
 
 the training command comes after --, as torchrun takes it:
   ugro-launch -i cluster.yml --nodes gpu-a,gpu-b --nproc-per-node 8 -- -m ugro.trainer.train

@@ -48,9 +48,10 @@ def job_processes(job_id: str) -> list[str]:
 
 
 class HeldLaunch:
-    """A launch on this machine whose agent ``start`` waits for :meth:`release`."""
+    """A launch whose agent ``start`` waits for :meth:`release`: on this machine, or on the SSH
+    nodes of ``cluster`` (network namespaces; they share this filesystem)."""
 
-    def __init__(self, tmp_path: pathlib.Path) -> None:
+    def __init__(self, tmp_path: pathlib.Path, cluster=None) -> None:
         self.tmp_path = tmp_path
         self.state_dir = tmp_path / "state"
         self.workdir = tmp_path / "work"
@@ -69,20 +70,28 @@ class HeldLaunch:
             "exit $code\n"
         )
         python.chmod(0o755)
+        defaults = {
+            "python": str(python),
+            "workdir": str(self.workdir),
+            "min_free_disk_gb": 0,
+            "exporter_port": self.exporter_port,
+            "metrics_base_port": free_port(),
+            "env": {"OMP_NUM_THREADS": "1"},
+        }
+        nodes = [{"name": NODE, "host": "localhost"}]
+        self.known_hosts = "/nonexistent"
+        if cluster is not None:
+            defaults.update(user="root", identity_file=str(cluster.client_key))
+            nodes = [{"name": node.name, "host": node.address} for node in cluster.nodes]
+            self.known_hosts = str(cluster.known_hosts)
+        self.node_names = [node["name"] for node in nodes]
         self.inventory = tmp_path / "inventory.yml"
         self.inventory.write_text(
             yaml.safe_dump(
                 {
-                    "defaults": {
-                        "python": str(python),
-                        "workdir": str(self.workdir),
-                        "min_free_disk_gb": 0,
-                        "exporter_port": self.exporter_port,
-                        "metrics_base_port": free_port(),
-                        "env": {"OMP_NUM_THREADS": "1"},
-                    },
+                    "defaults": defaults,
                     "prometheus": {"targets_dir": str(self.targets_dir)},
-                    "nodes": [{"name": NODE, "host": "localhost"}],
+                    "nodes": nodes,
                 }
             )
         )
@@ -91,7 +100,7 @@ class HeldLaunch:
     def start(self, job_id: str) -> subprocess.Popen:
         return subprocess.Popen(
             [*LAUNCH, "run", f"--inventory={self.inventory}", f"--job-id={job_id}",
-             f"--rdzv-port={free_port()}", "--known-hosts=/nonexistent", "--", *TRAINER],
+             f"--rdzv-port={free_port()}", f"--known-hosts={self.known_hosts}", "--", *TRAINER],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env=self.env,
         )  # fmt: skip
@@ -103,9 +112,10 @@ class HeldLaunch:
         )  # fmt: skip
 
     def wait_until_torchrun_runs(self, job_id: str) -> None:
-        """The job is running on the node, and the launcher has not heard back."""
-        pid_file = self.workdir / "jobs" / job_id / NODE / "pid"
-        wait_for(pid_file.exists, 60, "torchrun started on the node")
+        """The job is running on every node, and the launcher has not heard back."""
+        for node in self.node_names:
+            pid_file = self.workdir / "jobs" / job_id / node / "pid"
+            wait_for(pid_file.exists, 60, f"torchrun started on {node}")
         wait_for(lambda: job_processes(job_id), 30, "the job's processes")
 
     def release(self) -> None:
@@ -198,3 +208,24 @@ def test_two_launches_with_one_job_id_start_one_job(held):
     assert first.returncode == 0, out + err
     assert held("stop", "twice", "--known-hosts=/nonexistent").returncode == 0
     assert_nothing_of("twice")
+
+
+def test_a_launcher_killed_half_way_on_two_ssh_nodes_is_stopped_on_both(
+    tmp_path, namespace_cluster
+):
+    held = HeldLaunch(tmp_path, namespace_cluster(2))
+    try:
+        launcher = held.start("split")
+        held.wait_until_torchrun_runs("split")
+        launcher.kill()
+        launcher.communicate()
+        held.release()
+        status = held("status", "split", f"--known-hosts={held.known_hosts}")
+        assert "job split: interrupted" in status.stdout, status.stdout + status.stderr
+        for node in held.node_names:
+            assert f"{node:<16} running" in status.stdout
+        stopped = held("stop", "split", f"--known-hosts={held.known_hosts}")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert_nothing_of("split")
+    finally:
+        held.close()
