@@ -104,12 +104,13 @@ TRAINING = [
     Alert(
         "TrainingRanksDown",
         "critical",
-        'count by (job_id) (up{job="ugro-ranks"} == 0) > 0',
+        # Down, not "not started yet" nor "finished": see the lifecycle rules (recording.yml).
+        "count by (job_id) (job_rank:ugro_train_down:bool) > 0",
         "training.ranks_down_for",
         "Ranks of a training job are down: the job crashed or was killed",
         "{{ $value | humanize }} rank(s) of job {{ $labels.job_id }} stopped answering before "
         "the job finished: "
-        '{{ range $i, $rank := query (printf "up{job=\\"ugro-ranks\\",job_id=\\"%s\\"} == 0"'
+        '{{ range $i, $rank := query (printf "job_rank:ugro_train_down:bool{job_id=\\"%s\\"}"'
         ' $labels.job_id) | sortByLabel "rank" }}{{ if $i }}, {{ end }}'
         "rank {{ $rank.Labels.rank }} on {{ $rank.Labels.node }}{{ end }}.",
     ),

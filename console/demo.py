@@ -199,7 +199,7 @@ class Demo:
             f"--job-id={self.job_id}", f"--nproc-per-node={RANKS}",
             f"--rdzv-port={free_port()}", "--",
             "-m", "ugro.trainer.train", "--steps", str(self.args.steps),
-            "--log-every", "1000000", "--linger", "4",
+            "--log-every", "1000000",
             f"--fault-rank={FAULT_RANK}", f"--nonfinite-loss-from={fault_at}",
             f"--nonfinite-loss-steps={FAULT_STEPS}",
         ]  # fmt: skip

@@ -428,11 +428,14 @@ def collect(
     waits = [r.data_wait_share for r in ranks if r.data_wait_share is not None]
     efficiency = _efficiency(progress, 1.0 - max(waits) if waits else None, gpu_util)
     ranks_down = q.vector('ALERTS{alertname="TrainingRanksDown",alertstate="firing",$sel}')
+    # Ranks that closed their telemetry normally: a loop without total_steps finishes too.
+    ended = q.vector("last_over_time(ugro_train_end_time_seconds{$sel}[$w])")
+    all_ended = bool(ranks) and len({s["metric"].get("rank") for s in ended}) >= len(ranks)
 
     return JobReport(
         job_id=job_id,
         prometheus=prometheus.url,
-        status=_status(running, bool(ranks_down), record, steps, target),
+        status=_status(running, bool(ranks_down), record, steps, target, all_ended),
         start_time=start,
         end_time=end,
         duration_seconds=duration,
@@ -667,10 +670,11 @@ def _status(
     record: records.JobRecord | None,
     steps: int | None,
     target: float | None,
+    all_ended: bool = False,
 ) -> str:
-    if target is not None and steps is not None and steps >= target:
+    if (target is not None and steps is not None and steps >= target) or all_ended:
         # Whatever the ranks did after their last step: they may still serve /metrics for a
-        # few seconds (the trainer's --linger) before exiting.
+        # few seconds (the final scrape that Telemetry.close() waits for) before exiting.
         return "finished"
     if running:
         return "running"

@@ -7,8 +7,10 @@ servers; drawing (``render``) is a pure function of a snapshot.
 
 How a rank's status is decided (first match wins), with thresholds from alerts/thresholds.yml:
 
-* ``finished``   its last known step count reached the run's target steps;
-* ``down``       Prometheus cannot scrape it (``up == 0``) although it answered before;
+* ``finished``   its last known step count reached the run's target steps, or it closed its
+                 telemetry normally (``ugro_train_end_time_seconds``);
+* ``down``       Prometheus cannot scrape it (``up == 0``) although it answered before and did
+                 not say it finished (as ``job_rank:ugro_train_down:bool`` records);
 * ``gone``       it has no scrape target any more (the job's targets were removed);
 * ``stalled``    no step for longer than the stall alert allows (stall_step_multiple × its mean
                  step time, at least stall_min_seconds);
@@ -113,6 +115,7 @@ class RankState:
     node: str = ""
     up: bool | None = None  # None: no scrape target (the job's targets were removed)
     answered: bool = True  # it answered a scrape within LOOKBACK
+    ended: bool = False  # it closed its telemetry normally (ugro_train_end_time_seconds)
     status: str = "ok"
     steps: float | None = None  # last known, within LOOKBACK
     target_steps: float | None = None
@@ -212,6 +215,8 @@ def rank_status(rank: RankState, rules: StatusRules) -> str:
     """The rank's status, as described in the module docstring."""
     if rank.steps is not None and rank.target_steps and rank.steps >= rank.target_steps:
         return "finished"
+    if rank.ended:  # said so before it went: a loop without total_steps finishes too
+        return "finished"
     if rank.up is False:
         return "down" if rank.answered else "starting"
     if rank.up is None:
@@ -268,6 +273,7 @@ def _queries(job_id: str, rules: StatusRules) -> dict[str, str]:
         "target_steps": last("ugro_train_target_steps"),
         "last_step_at": last("ugro_train_last_step_timestamp_seconds"),
         "started_at": last("ugro_train_start_time_seconds"),
+        "ended_at": last("ugro_train_end_time_seconds"),
         "loss_last": f"ugro_train_loss_last{{{j}}}",
         "loss_mean": f"job_rank:ugro_train_loss:mean1m{{{j}}}",
         "learning_rate": f"ugro_train_learning_rate{{{j}}}",
@@ -400,7 +406,7 @@ def gather(
         "recent_nonfinite",
         "gpu_utilization",
     )
-    for name in (*per_rank, "last_step_at", "started_at"):
+    for name in (*per_rank, "last_step_at", "started_at", "ended_at"):
         for sample in results[name]:
             rank = _rank_of(sample)
             value = _number(sample)
@@ -417,6 +423,7 @@ def gather(
             node=known.get("node", ""),
             up=known.get("up"),
             answered=rank in answered,
+            ended="ended_at" in known,
             seconds_since_step=(
                 taken_at - known["last_step_at"] if "last_step_at" in known else None
             ),

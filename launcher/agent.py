@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gpus", type=_non_negative_int, help="GPUs NVML should see (checked)")
     sub.add_argument("--min-free-bytes", type=_non_negative_int, default=0, metavar="BYTES")
     sub.add_argument("--bind-address", type=_address, default="0.0.0.0")
+    sub.add_argument("--chdir", help="the job's working directory: must exist")
 
     sub = verbs.add_parser("ensure-exporter", help="start ugro-exporter unless it runs")
     sub.add_argument("--port", required=True, type=_port)
@@ -244,6 +245,7 @@ def _run_verb(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             gpus=args.gpus,
             min_free_bytes=args.min_free_bytes,
             bind_address=args.bind_address,
+            chdir=args.chdir,
         )
     if args.verb == "ensure-exporter":
         return ensure_exporter(args.port, args.node, args.workdir, args.listen_address)
@@ -279,9 +281,12 @@ def preflight(
     gpus: int | None = None,
     min_free_bytes: int = 0,
     bind_address: str = "0.0.0.0",
+    chdir: str | None = None,
 ) -> dict[str, Any]:
     """Can this node run a job? Facts, and ``problems``: sentences, empty when all is well."""
     problems: list[str] = []
+    if chdir is not None and not os.path.isdir(os.path.expanduser(chdir)):
+        problems.append(f"the job's directory {chdir} (chdir) does not exist here")
     directory = pathlib.Path(workdir).expanduser()
 
     torch_version = _distribution_version("torch")

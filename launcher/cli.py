@@ -50,6 +50,7 @@ the training command comes after --, as torchrun takes it:
 inventory (YAML; launcher/inventory.example.yml is a complete example):
   defaults:
     python: /opt/venv/bin/python   # the Python with ugro and torch, on every node
+    chdir: /home/train/nanogpt     # where torchrun runs (--chdir; default: the login directory)
     workdir: /var/tmp/ugro         # logs, pids and exit codes: WORKDIR/jobs/JOB/NODE/
     exporter_port: 9490            # ugro-exporter on every node
     metrics_base_port: 9500        # rank metrics: base + local rank
@@ -154,6 +155,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"torchrun's port on the first node (default {DEFAULT_RDZV_PORT})",
     )
     run.add_argument(
+        "--chdir",
+        metavar="DIR",
+        help="run torchrun and the ranks in DIR on every node, e.g. the script's own directory "
+        "(absolute, or ~/...; default: the inventory's defaults.chdir, else the SSH login "
+        "directory, or for a localhost node the current directory)",
+    )
+    run.add_argument(
         "--wait", action="store_true", help="wait for the job to end; exit 0 if it finished"
     )
     run.set_defaults(handler=run_job)
@@ -211,7 +219,14 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
             raise UsageError(f"--nodes {args.nodes!r}: a node is named twice")
     else:
         nodes = inventory.nodes
-    return JobPlan(job_id, inventory, nodes, args.nproc_per_node, tuple(command), args.rdzv_port)
+    chdir = args.chdir if args.chdir is not None else inventory.defaults.chdir
+    if chdir is not None and not re.match(r"^(/|~/)[^\0\n]*$", chdir):
+        raise UsageError(
+            f"--chdir {chdir!r}: expected an absolute path (or ~/...), the same on every node"
+        )
+    return JobPlan(
+        job_id, inventory, nodes, args.nproc_per_node, tuple(command), args.rdzv_port, chdir
+    )
 
 
 def default_job_id(command: list[str]) -> str:

@@ -53,6 +53,10 @@ class Defaults:
     metrics_base_port: int
     min_free_disk_bytes: int
     env: dict[str, str] = field(default_factory=dict)
+    # Where torchrun and the ranks run, on every node: a script's own directory, for its
+    # relative paths and local imports. None: the SSH login directory (localhost: the
+    # directory ugro-launch runs in).
+    chdir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
         data,
         {
             "python", "workdir", "exporter_port", "metrics_base_port", "env", "user",
-            "ssh_port", "identity_file", "min_free_disk_gb",
+            "ssh_port", "identity_file", "min_free_disk_gb", "chdir",
         },
     )  # fmt: skip
     env = fields.data.get("env", {})
@@ -178,6 +182,7 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
         metrics_base_port=fields.integer("metrics_base_port", 1, 65535, DEFAULT_METRICS_BASE_PORT),
         min_free_disk_bytes=min_free_gb * 1024**3,
         env={str(k): str(v) for k, v in env.items()},
+        chdir=fields.path_text("chdir", None),
     )
 
 

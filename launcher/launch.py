@@ -40,6 +40,7 @@ class JobPlan:
     nproc_per_node: int
     command: tuple[str, ...]  # what torchrun runs: ("-m", "module", ...) or ("train.py", ...)
     rdzv_port: int
+    chdir: str | None = None  # where it runs on every node (None: see Defaults.chdir)
 
     @property
     def world_size(self) -> int:
@@ -71,6 +72,9 @@ class JobPlan:
 
     def environment(self, node: Node) -> dict[str, str]:
         return {
+            # The ranks write to a log file, where Python would block-buffer a script's
+            # progress lines for minutes; the inventory's env may say otherwise.
+            "PYTHONUNBUFFERED": "1",
             **self.inventory.defaults.env,
             "UGRO_JOB_ID": self.job_id,
             "UGRO_NODE": node.name,
@@ -102,6 +106,8 @@ def preflight(plan: JobPlan, nodes: NodeSet) -> dict[str, dict[str, Any] | Excep
             f"--ports={','.join(map(str, ports))}",
             f"--min-free-bytes={defaults.min_free_disk_bytes}",
         ]
+        if plan.chdir is not None:
+            args.append(f"--chdir={plan.chdir}")
         if node.gpus is not None:
             args.append(f"--gpus={node.gpus}")
         return nodes.agent(node, "preflight", *args, timeout=60)
@@ -161,6 +167,7 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
         command=list(plan.command),
         rdzv_port=plan.rdzv_port,
         started_at=time.time(),
+        chdir=plan.chdir,
         state=records.LAUNCHING,
         launcher=records.process_ref(os.getpid()),
     )
@@ -296,6 +303,7 @@ def _start(plan: JobPlan, nodes: NodeSet, node: Node) -> dict[str, Any]:
         f"--node={node.name}",
         f"--workdir={plan.inventory.defaults.workdir}",
         *env,
+        *([f"--cwd={plan.chdir}"] if plan.chdir is not None else []),
         "--",
         *plan.torchrun_argv(plan.nodes.index(node)),
     )
@@ -377,6 +385,7 @@ def plan_from_record(record: records.JobRecord, inventory: Inventory) -> JobPlan
         nproc_per_node=record.nproc_per_node,
         command=tuple(record.command),
         rdzv_port=record.rdzv_port,
+        chdir=record.chdir,
     )
 
 

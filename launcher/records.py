@@ -53,6 +53,7 @@ class JobRecord:
     ended_at: float | None = None
     # [pid, create_time] of the ugro-launch process that is starting the job (LAUNCHING only).
     launcher: list[float] | None = None
+    chdir: str | None = None  # the job's working directory on its nodes (None: the default)
 
     @property
     def path(self) -> pathlib.Path:

@@ -3,7 +3,9 @@
 torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; ``ugro-launch`` (or the user) sets
 ``UGRO_JOB_ID``, ``UGRO_METRICS_PORT`` (the base port: a rank serves on base + ``LOCAL_RANK``),
 ``UGRO_METRICS_ADDR`` and ``UGRO_NODE``. ``UGRO_GPU_UUIDS`` (optional) names the GPU each local
-rank uses, for setups where torch's view of the device is not NVML's. Every bad value is
+rank uses, for setups where torch's view of the device is not NVML's.
+``UGRO_FINAL_SCRAPE_TIMEOUT`` bounds how long ``close()`` waits for the scrape that carries the
+rank's final values (seconds; 0 does not wait). Every bad value is
 rejected here, before the first training step, with an error that names the variable and what
 was expected.
 """
@@ -20,6 +22,9 @@ from typing import Literal
 DEFAULT_METRICS_BASE_PORT = 9500
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
 DEFAULT_JOB_ID = "local"
+# At close, the longest wait for one more scrape (Prometheus's default interval is 60 s, ugro's
+# 5 s; the wait ends at the scrape, or after two of the intervals seen so far).
+DEFAULT_FINAL_SCRAPE_TIMEOUT_SECONDS = 30.0
 
 # Port-taken policy: "continue" trains on without telemetry, "fail" stops before the first step.
 PortTakenPolicy = Literal["continue", "fail"]
@@ -54,6 +59,7 @@ class TelemetryConfig:
     total_steps: int | None = None
     # The rank's GPU as NVML names it, when given; otherwise learnt from the rank's CUDA device.
     gpu_uuid: str | None = None
+    final_scrape_timeout: float = DEFAULT_FINAL_SCRAPE_TIMEOUT_SECONDS
 
     @property
     def metrics_port(self) -> int:
@@ -77,6 +83,7 @@ class TelemetryConfig:
         on_port_taken: str | None = None,
         total_steps: int | None = None,
         gpu_uuid: str | None = None,
+        final_scrape_timeout: float | None = None,
     ) -> TelemetryConfig:
         """Build the config: each explicit argument wins over its environment variable."""
         env = os.environ if env is None else env
@@ -177,6 +184,20 @@ class TelemetryConfig:
                 "'GPU-5f2a…' (as `nvidia-smi -L` prints it)"
             )
 
+        if final_scrape_timeout is not None:
+            timeout_source, raw_timeout = "final_scrape_timeout", final_scrape_timeout
+        else:
+            timeout_source = "UGRO_FINAL_SCRAPE_TIMEOUT"
+            raw_timeout = env.get(timeout_source, DEFAULT_FINAL_SCRAPE_TIMEOUT_SECONDS)
+        try:
+            resolved_timeout = float(str(raw_timeout).strip())
+        except ValueError:
+            resolved_timeout = -1.0
+        if not 0 <= resolved_timeout <= 3600:
+            raise TelemetryConfigError(
+                f"{timeout_source}={raw_timeout!r}: expected seconds from 0 to 3600"
+            )
+
         return cls(
             job_id=resolved_job_id,
             rank=resolved_rank,
@@ -188,4 +209,5 @@ class TelemetryConfig:
             on_port_taken=policy,  # type: ignore[arg-type]
             total_steps=total_steps,
             gpu_uuid=resolved_gpu_uuid,
+            final_scrape_timeout=resolved_timeout,
         )

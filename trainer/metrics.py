@@ -32,6 +32,7 @@ class RankSnapshot:
     stats: RankStats
     identity: dict[str, str]
     start_time: float
+    end_time: float | None  # set when the rank closed its telemetry normally
     target_steps: int | None
     pending_steps: int
     cuda_max_memory_allocated_bytes: float | None
@@ -117,6 +118,13 @@ class RankMetricsCollector:
             "Unix time at which this rank's telemetry started, in seconds.",
             value=snap.start_time,
         )
+        if snap.end_time is not None:
+            yield GaugeMetricFamily(
+                "ugro_train_end_time_seconds",
+                "Unix time at which this rank closed its telemetry normally, in seconds; "
+                "absent while it runs and after a crash.",
+                value=snap.end_time,
+            )
         if snap.target_steps is not None:
             yield GaugeMetricFamily(
                 "ugro_train_target_steps",

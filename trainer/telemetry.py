@@ -64,6 +64,7 @@ class Telemetry:
         on_port_taken: str | None = None,
         total_steps: int | None = None,
         gpu_uuid: str | None = None,
+        final_scrape_timeout: float | None = None,
         device: Any = None,
         registry: CollectorRegistry | None = None,
         serve: bool = True,
@@ -82,8 +83,19 @@ class Telemetry:
             on_port_taken=on_port_taken,
             total_steps=total_steps,
             gpu_uuid=gpu_uuid,
+            final_scrape_timeout=final_scrape_timeout,
         )
         self._lock = threading.Lock()
+        # Scrapes served so far and when (monotonic): close() waits for one more.
+        self._scraped = threading.Condition(self._lock)
+        self._scrape_count = 0
+        self._scrape_clocks: list[float] = []
+        self._end_time: float | None = None
+        # micro_step() values waiting for the next step(): loss sum (a float, or a tensor
+        # kept on its CUDA device), micro-step count, and summed counts.
+        self._micro_loss: Any = None
+        self._micro_losses = 0
+        self._micro_counts: dict[str, Any] = {}
         self._stats = RankStats()
         self._start_time = time.time()
         self._previous_step_clock: float | None = None
@@ -106,6 +118,41 @@ class Telemetry:
 
     # -- the training loop's side ------------------------------------------------------------
 
+    def micro_step(self, *, loss: Any = None, tokens: Any = None, samples: Any = None) -> None:
+        """Record one micro-batch of a step that accumulates gradients; never blocks, never raises.
+
+        Give each micro-batch's own loss (before any division by the accumulation steps) and
+        its tokens and samples. The next ``step()`` reports the mean of these losses and the
+        sums of the counts (a loss given to ``step()`` itself wins; its counts add up). CUDA
+        values are summed on their device, so nothing waits for the GPU.
+        """
+        # Each value on its own: one bad value is an error, the others are still recorded.
+        for name, value in (("loss", loss), ("tokens", tokens), ("samples", samples)):
+            if value is None:
+                continue
+            try:
+                if is_cuda_tensor(value):
+                    value = value.detach().float() if name == "loss" else value.detach()
+                else:
+                    value = host_float(name, value)
+                with self._lock:
+                    if name == "loss":
+                        previous = self._micro_loss
+                        self._micro_loss = value if previous is None else previous + value
+                        self._micro_losses += 1
+                    else:
+                        previous = self._micro_counts.get(name)
+                        self._micro_counts[name] = value if previous is None else previous + value
+            except Exception as error:  # the training loop must never see telemetry fail
+                self._record_error("micro_step", error)
+
+    def _take_micro_steps(self) -> tuple[Any, dict[str, Any]]:
+        """The accumulated mean loss (or None) and counts, emptied for the next step."""
+        with self._lock:
+            loss, losses, counts = self._micro_loss, self._micro_losses, self._micro_counts
+            self._micro_loss, self._micro_losses, self._micro_counts = None, 0, {}
+        return (loss / losses if losses else None), counts
+
     def step(
         self,
         *,
@@ -123,6 +170,14 @@ class Telemetry:
         """
         now = time.perf_counter()
         wall = time.time()
+        micro_loss, micro_counts = self._take_micro_steps()
+        if loss is None:
+            loss = micro_loss
+        try:
+            tokens = _added(tokens, micro_counts.get("tokens"))
+            samples = _added(samples, micro_counts.get("samples"))
+        except Exception as error:
+            self._record_error("step", error)
         if learning_rate is None and optimizer is not None:
             try:
                 learning_rate = optimizer.param_groups[0]["lr"]
@@ -177,7 +232,28 @@ class Telemetry:
             self._stats.data_wait_seconds = (self._stats.data_wait_seconds or 0.0) + seconds
 
     def close(self) -> None:
-        """Fold in what the device still owes (briefly), then stop serving. Safe to repeat."""
+        """End the rank's telemetry; safe to repeat.
+
+        Folds in what the device still owes (briefly). A rank that closes normally (no
+        exception on its way out, also when called from a ``finally``) marks its end,
+        ``ugro_train_end_time_seconds``, which tells the alerts that it finished rather than
+        crashed; and if Prometheus has been scraping it, waits until one more scrape has taken
+        the final values and the end (at most two scrape intervals, and never longer than
+        ``UGRO_FINAL_SCRAPE_TIMEOUT``), so that a loop that exits at once loses nothing. Then
+        the endpoint stops.
+        """
+        self._close(failed=sys.exc_info()[0] is not None)
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        failed = exc_type is not None
+        if exc_type is SystemExit and exc_info[0] is not None:
+            failed = exc_info[0].code not in (0, None)  # sys.exit(0) is a normal end
+        self._close(failed=failed)
+
+    def _close(self, failed: bool) -> None:
         if self._closed:
             return
         self._closed = True
@@ -187,16 +263,32 @@ class Telemetry:
                     for values in self._device_queue.wait(_CLOSE_WAIT_SECONDS):
                         self._apply(values)
                 except Exception as error:
-                    self._record_error("close", error)
+                    self._record_error_locked("close", error)
+            if not failed:
+                self._end_time = time.time()
         if self.server is not None:
+            if not failed:
+                self._wait_for_a_scrape()
             self.server.close()
             self.server = None
 
-    def __enter__(self) -> Telemetry:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _wait_for_a_scrape(self) -> None:
+        """Until a scrape after this moment has been served, within the bounds of close()."""
+        with self._scraped:
+            if self._scrape_count == 0:
+                return  # nobody scrapes this rank: nobody to wait for
+            timeout = self.config.final_scrape_timeout
+            clocks = self._scrape_clocks
+            if len(clocks) >= 2:
+                timeout = min(timeout, 2 * (clocks[-1] - clocks[-2]) + 1.0)
+            seen = self._scrape_count
+            deadline = time.monotonic() + timeout
+            while self._scrape_count == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.info("ugro: no scrape within %.1f s of close; final values unsent", timeout)
+                    return
+                self._scraped.wait(remaining)
 
     def latest(self) -> dict[str, float | None]:
         """The newest values that have reached the host, for progress lines; never waits."""
@@ -311,6 +403,10 @@ class Telemetry:
             stats = self._stats.copy()
             pending = len(self._device_queue) if self._device_queue is not None else 0
             gpu_uuid = self._gpu_uuid
+            end_time = self._end_time
+            self._scrape_count += 1
+            self._scrape_clocks = [*self._scrape_clocks[-1:], time.monotonic()]
+            self._scraped.notify_all()
         config = self.config
         return RankSnapshot(
             stats=stats,
@@ -323,6 +419,7 @@ class Telemetry:
                 "gpu_uuid": gpu_uuid,
             },
             start_time=self._start_time,
+            end_time=end_time,
             target_steps=config.total_steps,
             pending_steps=pending,
             cuda_max_memory_allocated_bytes=self._cuda_peak_memory(),
@@ -354,6 +451,17 @@ class Telemetry:
                 error,
                 exc_info=count == 1,
             )
+
+
+def _added(given: Any, accumulated: Any) -> Any:
+    """A step's own count plus its micro-steps' (either may be None)."""
+    if accumulated is None:
+        return given
+    if given is None:
+        return accumulated
+    if is_cuda_tensor(given) and not is_cuda_tensor(accumulated):
+        return given + accumulated
+    return accumulated + (given if is_cuda_tensor(given) else host_float("count", given))
 
 
 class DataWaitTimer:

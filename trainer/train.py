@@ -56,7 +56,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="keep serving /metrics this long after the last step, so a scrape sees final values",
+        help="keep serving /metrics this long after the last step (not needed: closing the "
+        "telemetry waits for the scrape that takes the final values)",
+    )
+    parser.add_argument(
+        "--start-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long before telemetry starts, like a large model or a checkpoint "
+        "that takes minutes to load",
     )
     faults = parser.add_argument_group("fault injection (one rank)")
     faults.add_argument("--fault-rank", type=int, default=0, help="the rank faults hit")
@@ -82,8 +91,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "context", "width", "depth", "heads", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
-    if args.linger < 0 or args.lr <= 0 or args.clip <= 0 or args.warmup_steps < 0:
-        parser.error("--linger, --warmup-steps must be >= 0 and --lr, --clip > 0")
+    if min(args.linger, args.start_delay, args.warmup_steps) < 0 or args.lr <= 0 or args.clip <= 0:
+        parser.error("--linger, --start-delay, --warmup-steps must be >= 0 and --lr, --clip > 0")
     try:
         args.faults = FaultPlan(
             rank=args.fault_rank,
@@ -143,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = pick_device(args.device, local_rank)
         corpus = stdlib_source_bytes(args.corpus_bytes)
+        time.sleep(args.start_delay)
         # ugro: identity and port come from torchrun's and ugro-launch's environment.
         telemetry = Telemetry(total_steps=args.steps, device=device)
     except (RuntimeError, CorpusError, TelemetryConfigError, MetricsServerError) as error:

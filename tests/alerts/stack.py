@@ -331,8 +331,10 @@ class TrainingJob:
         *,
         processes: int = 2,
         node: str = "node-a",
+        deregister: bool = True,
     ) -> None:
         self.stack = stack
+        self.deregister = deregister  # False: its targets outlive it, as with a lost watcher
         self.job_id = job_id
         self.node = node
         self.base_port = free_port_block(processes)
@@ -372,7 +374,7 @@ class TrainingJob:
 
     def _watch(self) -> None:
         code = self.process.wait()
-        if code == 0:
+        if code == 0 and self.deregister:
             self.stack.targets.remove_job(self.job_id)
         self._exit_code = code
 

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from tests.alerts.stack import AlertStack, TrainingJob, fake_gpu_exporter
+from tests.alerts.stack import AlertStack, TrainingJob, fake_gpu_exporter, http_json
 from tests.support import wait_for
+from ugro.console.localstack import LOCAL_THRESHOLDS
 
 SMALL_MODEL = ["--batch-size", "8", "--context", "32", "--width", "64", "--depth", "1"]
 LONG_RUN = ["--steps", "1000000"]  # stopped by the test
@@ -165,6 +166,61 @@ def test_job_that_finishes_normally_notifies_nobody(stack, exporter, jobs):
     assert sorted(s["metric"]["rank"] for s in steps) == ["0", "1"]
     assert all(float(s["value"][1]) > 0 for s in steps)
     assert stack.query('up{job_id="e2e-done"}') == []  # targets gone with the job
+
+
+# The production `for:` windows (thresholds.yml as it is) and the demo's short ones.
+WINDOWS = {
+    "production": {},
+    "demo": dict(LOCAL_THRESHOLDS),
+}
+
+
+@pytest.mark.parametrize("windows", list(WINDOWS))
+def test_a_slow_start_and_an_exit_without_linger_notify_nobody(tmp_path, windows):
+    """A user's script builds its model for 35 s before Telemetry starts (its targets are
+    registered at launch, so every scrape fails until then), trains, and exits at once without
+    lingering; its targets are never removed (a lost watcher). Neither end is a crash."""
+    start_delay = 35  # longer than the production 30 s TrainingRanksDown window
+    stack = AlertStack(tmp_path, dict(WINDOWS[windows]))  # production: thresholds.yml as it is
+    try:
+        rules = http_json(f"{stack.prometheus_url}/api/v1/rules")["data"]["groups"]
+        down_for = {30: "production", 10: "demo"}
+        assert [
+            down_for[rule["duration"]]
+            for group in rules
+            for rule in group["rules"]
+            if rule["name"] == "TrainingRanksDown"
+        ] == [windows]
+        job = TrainingJob(
+            stack,
+            "e2e-slow-start",
+            [*SMALL_MODEL, "--steps=60", f"--start-delay={start_delay}"],
+            deregister=False,
+        )
+        try:
+            wait_for(lambda: ranks_up(stack, "e2e-slow-start") == 2, 120, "both ranks up")
+            # Every scrape failed for longer than the down window: the ranks were starting.
+            failed = stack.query('count_over_time((up{job_id="e2e-slow-start"} == 0)[2m:1s])')
+            assert min(float(s["value"][1]) for s in failed) > 30
+            assert job.wait(timeout=120) == 0
+            # The rank processes are gone; their targets stay and fail every scrape.
+            time.sleep(35 + 3)  # past the longest `for:` and Alertmanager's group wait
+            assert stack.query('up{job_id="e2e-slow-start"} == 0') != []
+            ended = stack.query('job_rank:ugro_train_ended:latch{job_id="e2e-slow-start"}')
+            assert sorted(s["metric"]["rank"] for s in ended) == ["0", "1"]
+            assert stack.query('job_rank:ugro_train_down:bool{job_id="e2e-slow-start"}') == []
+            assert stack.query("ALERTS") == [], "no alert, not even pending"
+            assert stack.slack.texts() == []
+            assert stack.mail.messages == []
+            # The last step reached Prometheus without --linger.
+            steps = stack.query(
+                'max_over_time(ugro_train_steps_total{job_id="e2e-slow-start"}[5m])'
+            )
+            assert [float(s["value"][1]) for s in steps] == [60.0, 60.0]
+        finally:
+            job.stop()
+    finally:
+        stack.close()
 
 
 def test_inhibitions_silence_what_a_bigger_failure_explains(stack):

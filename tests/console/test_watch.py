@@ -210,6 +210,9 @@ RULES = StatusRules(straggler_ratio=0.8, stall_step_multiple=10, stall_min_secon
         ({"steps": 5000}, "finished"),
         ({"steps": 5000, "up": False}, "finished"),  # the job ended after its last step
         ({"up": False}, "down"),
+        # A loop without total_steps that closed its telemetry normally and exited.
+        ({"target_steps": None, "ended": True, "up": False}, "finished"),
+        ({"target_steps": None, "up": False}, "down"),
         ({"up": False, "answered": False, "steps": None}, "starting"),  # not serving yet
         ({"up": None}, "gone"),
         ({"seconds_since_step": 119}, "ok"),  # the stall alert's floor: 120 s

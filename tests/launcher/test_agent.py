@@ -218,6 +218,14 @@ def test_preflight_reports_too_little_disk_and_an_unwritable_workdir(tmp_path):
     assert report["workdir_free_bytes"] is None
 
 
+def test_preflight_checks_that_the_jobs_directory_exists(tmp_path):
+    report = agent_json("preflight", "--workdir", str(tmp_path), f"--chdir={tmp_path}")
+    assert report["problems"] == []
+    missing = tmp_path / "nanogpt"
+    report = agent_json("preflight", "--workdir", str(tmp_path), f"--chdir={missing}")
+    assert report["problems"] == [f"the job's directory {missing} (chdir) does not exist here"]
+
+
 # --------------------------------------------------------------------------- start, status, stop
 
 

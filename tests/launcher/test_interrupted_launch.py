@@ -229,3 +229,10 @@ def test_a_launcher_killed_half_way_on_two_ssh_nodes_is_stopped_on_both(
         assert_nothing_of("split")
     finally:
         held.close()
+
+
+def test_a_relative_chdir_is_refused_before_anything_starts(held):
+    result = held("run", f"--inventory={held.inventory}", "--chdir=nanogpt", "--", "train.py")
+    assert result.returncode == 2
+    assert "--chdir 'nanogpt': expected an absolute path (or ~/...)" in result.stderr
+    assert not held.state_dir.exists() or list(held.state_dir.iterdir()) == []

@@ -94,3 +94,17 @@ def test_unknown_node_lists_the_known_ones(tmp_path):
     inventory = load_inventory(write(tmp_path, minimal()))
     with pytest.raises(InventoryError, match=r"no node named 'gpu-z' \(known: gpu-a, gpu-b\)"):
         inventory.node("gpu-z")
+
+
+def test_ranks_run_unbuffered_in_the_jobs_directory_unless_told_otherwise(tmp_path):
+    from ugro.launcher.launch import JobPlan
+
+    inventory = load_inventory(write(tmp_path, minimal(defaults={"chdir": "~/nanogpt"})))
+    assert inventory.defaults.chdir == "~/nanogpt"
+    plan = JobPlan("j", inventory, inventory.nodes, 1, ("train.py",), 29500, "/srv/nanogpt")
+    assert plan.environment(inventory.nodes[0])["PYTHONUNBUFFERED"] == "1"
+    buffered = load_inventory(write(tmp_path, minimal(defaults={"env": {"PYTHONUNBUFFERED": ""}})))
+    plan = JobPlan("j", buffered, buffered.nodes, 1, ("train.py",), 29500)
+    assert plan.environment(buffered.nodes[0])["PYTHONUNBUFFERED"] == ""
+    with pytest.raises(InventoryError, match=r"defaults\.chdir: expected an absolute path"):
+        load_inventory(write(tmp_path, minimal(defaults={"chdir": "nanogpt"})))

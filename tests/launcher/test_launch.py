@@ -351,3 +351,46 @@ def test_targets_on_a_prometheus_host_are_written_over_ssh(launcher, tmp_path):
     assert groups[0]["labels"] == {"job_id": "remote-targets", "rank": "0", "node": "node-a"}
     assert (head_dir / "nodes" / "node-a.json").exists()
     wait_for(lambda: not rank_file.exists(), 120, "the watcher to deregister the finished job")
+
+
+THIRD_PARTY = pathlib.Path(__file__).parent / "thirdparty"
+
+
+def test_a_third_party_script_runs_from_its_own_directory_and_reports_every_step(
+    tmp_path, namespace_cluster
+):
+    """tests/launcher/thirdparty/train.py: gradient accumulation, a local import, a loop of
+    max_iters + 1 iterations, no linger. Two nodes × two ranks, scraped by a real Prometheus,
+    with the alert rules and Alertmanager: every step arrives and nobody is notified."""
+    cluster = namespace_cluster(2)
+    stack = AlertStack(tmp_path / "stack")
+    launcher = Launcher(tmp_path, cluster, stack.workdir / "targets")
+    try:
+        finished = launcher.run(
+            "third-party", "--wait", f"--chdir={THIRD_PARTY}", command=["train.py"]
+        )
+        assert finished.returncode == 0, finished.stderr + finished.stdout
+        assert "job third-party: finished" in finished.stdout
+        logs = launcher("logs", "third-party")
+        assert "iter 600: loss" in logs.stdout  # rank 0's own progress lines, on node-a
+
+        def last(metric: str) -> dict[str, float]:
+            samples = stack.query(f'last_over_time({metric}{{job_id="third-party"}}[5m])')
+            return {s["metric"]["rank"]: float(s["value"][1]) for s in samples}
+
+        ranks = ["0", "1", "2", "3"]
+        # 601 optimizer steps (iterations 0..600), each of 4 micro-batches of 4 × 16 tokens.
+        assert last("ugro_train_steps_total") == dict.fromkeys(ranks, 601.0)
+        assert last("ugro_train_tokens_total") == dict.fromkeys(ranks, 601 * 4 * 4 * 16.0)
+        assert last("ugro_train_samples_total") == dict.fromkeys(ranks, 601 * 4 * 4.0)
+        assert last("ugro_train_target_steps") == dict.fromkeys(ranks, 601.0)
+        assert last("ugro_train_loss_count") == dict.fromkeys(ranks, 601.0)  # one mean per step
+        assert sorted(last("ugro_train_end_time_seconds")) == ranks
+        # Longer than the test `for:` windows and Alertmanager's group wait.
+        time.sleep(12)
+        assert stack.query("ALERTS") == []
+        assert stack.slack.texts() == []
+        assert stack.mail.messages == []
+    finally:
+        launcher.kill_watchers()
+        stack.close()

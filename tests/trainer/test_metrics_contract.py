@@ -31,6 +31,7 @@ def full_snapshot(*, optional: bool) -> RankSnapshot:
         stats=stats,
         identity={label: "x" for label in RANK_INFO_LABELS},
         start_time=0.0,
+        end_time=2.0 if optional else None,
         target_steps=10,
         pending_steps=0,
         cuda_max_memory_allocated_bytes=1024.0 if optional else None,

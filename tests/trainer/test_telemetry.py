@@ -3,12 +3,16 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ugro.trainer import MetricsServerError, Telemetry
+from tests.support import wait_for
+from ugro.trainer import MetricsServerError, Telemetry, TelemetryConfigError
 from ugro.trainer.stats import STEP_DURATION_BUCKETS_SECONDS
 
 IDENTITY = {"job_id": "job-1", "rank": 2, "local_rank": 0, "world_size": 4, "node": "node-a"}
@@ -84,6 +88,30 @@ def test_nonfinite_values_are_counted_exposed_and_kept_out_of_the_means(registry
     assert value(registry, "ugro_train_grad_norm_sum") == 3.0
     assert value(registry, "ugro_train_steps_total") == 3
     assert value(registry, "ugro_train_telemetry_errors_total") == 0
+
+
+def test_micro_steps_add_up_to_one_step_with_the_mean_loss(registry):
+    telemetry = offline(registry)
+    for micro_loss in (1.0, 2.0, torch.tensor(3.0), 4.0):  # four micro-batches of one step
+        telemetry.micro_step(loss=micro_loss, tokens=256, samples=torch.tensor(4))
+    telemetry.step(grad_norm=0.5, learning_rate=0.1)
+    assert value(registry, "ugro_train_steps_total") == 1
+    assert value(registry, "ugro_train_loss_last") == 2.5
+    assert value(registry, "ugro_train_loss_count") == 1
+    assert value(registry, "ugro_train_tokens_total") == 1024
+    assert value(registry, "ugro_train_samples_total") == 16
+    # The next step starts from nothing; a loss given to step() wins, counts add up.
+    telemetry.micro_step(loss=9.0, tokens=100)
+    telemetry.step(loss=1.5, tokens=28)
+    assert value(registry, "ugro_train_loss_last") == 1.5
+    assert value(registry, "ugro_train_tokens_total") == 1024 + 128
+    # A bad micro-step value is an error counted, never raised; the others still count.
+    telemetry.micro_step(loss="not a number", tokens=10)
+    telemetry.micro_step(loss=float("nan"), tokens=10)
+    telemetry.step()
+    assert value(registry, "ugro_train_telemetry_errors_total") == 1
+    assert value(registry, "ugro_train_nonfinite_total", quantity="loss") == 1
+    assert value(registry, "ugro_train_tokens_total") == 1024 + 128 + 20
 
 
 def test_cpu_tensors_and_numpy_scalars_are_accepted(registry):
@@ -209,8 +237,15 @@ def test_one_rank_exposes_at_most_40_series(registry):
     assert len(series) + 1 <= 40, [s.name for s in series]
 
 
+def served(registry: CollectorRegistry, **overrides) -> Telemetry:
+    """Telemetry serving /metrics on a free loopback port."""
+    return Telemetry(
+        **{**IDENTITY, **overrides}, metrics_port=0, bind_address="127.0.0.1", registry=registry
+    )
+
+
 def test_serves_metrics_over_http_and_close_frees_the_port(registry, scrape_metrics):
-    telemetry = Telemetry(**IDENTITY, metrics_port=0, bind_address="127.0.0.1", registry=registry)
+    telemetry = served(registry, final_scrape_timeout=0)
     telemetry.step(loss=1.25)
     port = telemetry.server.port
     body = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
@@ -223,6 +258,83 @@ def test_serves_metrics_over_http_and_close_frees_the_port(registry, scrape_metr
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))  # would raise if the endpoint still held it
+
+
+def test_a_normal_close_marks_the_end_and_a_failing_one_does_not():
+    finished = CollectorRegistry()
+    with offline(finished) as telemetry:
+        telemetry.step(loss=1.0)
+    assert value(finished, "ugro_train_end_time_seconds") == pytest.approx(time.time(), abs=5)
+
+    crashed = CollectorRegistry()
+    with pytest.raises(RuntimeError), offline(crashed):
+        raise RuntimeError("out of memory")
+    assert value(crashed, "ugro_train_end_time_seconds") is None
+
+    # close() in a `finally` while an exception propagates: a crash, not an end.
+    in_finally = CollectorRegistry()
+    telemetry = offline(in_finally)
+    with pytest.raises(RuntimeError):
+        try:
+            raise RuntimeError("a data loader died")
+        finally:
+            telemetry.close()
+    assert value(in_finally, "ugro_train_end_time_seconds") is None
+
+    # sys.exit(0) inside the block is a normal end; sys.exit(3) is not.
+    for code, ended in ((0, True), (3, False)):
+        exiting = CollectorRegistry()
+        with pytest.raises(SystemExit), offline(exiting):
+            sys.exit(code)
+        assert (value(exiting, "ugro_train_end_time_seconds") is not None) is ended
+
+
+def test_close_waits_for_the_scrape_that_carries_the_end_and_the_last_step(
+    registry, scrape_metrics
+):
+    telemetry = served(registry)
+    url = telemetry.metrics_url
+    scrape_metrics(url)
+    time.sleep(2)
+    scrape_metrics(url)  # scraped every 2 s: close() would wait at most 5 s
+    telemetry.step(loss=2.5)
+    closer = threading.Thread(target=telemetry.close)
+    closer.start()
+    # Scrapes that come before close() has marked the end do not end its wait.
+    body = wait_for(
+        lambda: (text := scrape_metrics(url)) and "ugro_train_end_time_seconds" in text and text,
+        10,
+        "a scrape with the end marker",
+    )
+    closer.join(timeout=4)
+    assert not closer.is_alive(), "close() went on waiting after the final scrape"
+    assert "ugro_train_loss_last 2.5" in body
+    assert "ugro_train_steps_total 1.0" in body
+    assert telemetry.server is None
+
+
+def test_close_gives_up_after_two_scrape_intervals(registry, scrape_metrics, caplog):
+    telemetry = served(registry)
+    scrape_metrics(telemetry.metrics_url)
+    time.sleep(0.5)
+    scrape_metrics(telemetry.metrics_url)  # about 2 × 0.5 s + 1 s = 2 s of patience
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="ugro.trainer"):
+        telemetry.close()
+    assert 1.9 <= time.monotonic() - started < 10
+    assert "no scrape within" in caplog.text
+
+
+def test_close_does_not_wait_for_a_rank_nobody_scrapes(registry):
+    telemetry = served(registry)
+    started = time.monotonic()
+    telemetry.close()
+    assert time.monotonic() - started < 5  # the server's own shutdown only
+
+
+def test_a_bad_final_scrape_timeout_is_named():
+    with pytest.raises(TelemetryConfigError, match="UGRO_FINAL_SCRAPE_TIMEOUT='soon'"):
+        Telemetry(**IDENTITY, serve=False, env={"UGRO_FINAL_SCRAPE_TIMEOUT": "soon"})
 
 
 def test_context_manager_closes_the_endpoint(registry):
