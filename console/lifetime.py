@@ -9,8 +9,10 @@ and names how the job ended.
 How each figure is made (this is the documentation of record; ``ugro report --help`` and the
 README point here):
 
-* **Lifetime.** Start: the earliest ``ugro_train_start_time_seconds`` of any rank (when its
-  telemetry started, before the model was built). End: the latest
+* **Lifetime.** Start: the launch, when this machine has ugro-launch's record of the job (the
+  start-up before the telemetry, imports and model loading, is part of the run); else the
+  earliest ``ugro_train_start_time_seconds`` of any rank (when its
+  telemetry started). End: the latest
   ``ugro_train_last_step_timestamp_seconds`` (the last completed step), or now while a rank is
   still up. Both are searched ``--lookback`` back (default 7d).
 * **Status.** ``running`` while a rank's target answers (``up == 1``); else the launcher
@@ -164,7 +166,7 @@ class JobReport:
     job_id: str
     prometheus: str
     status: str
-    start_time: float
+    start_time: float  # the launch, where ugro-launch's record is here; else the first telemetry
     end_time: float
     duration_seconds: float
     training_seconds: float | None
@@ -362,7 +364,10 @@ def collect(
     running = bool(q.vector("up{$sel} == 1"))
     last_step = max(last_steps.values()) if last_steps else None
     end = now if running else (last_step if last_step is not None else start)
-    duration = max(0.0, end - start)
+    # The run began at its launch: imports, data and model loading before the telemetry
+    # started are part of it (start-up), where the launcher's record says when that was.
+    launched = record.started_at if record is not None and record.started_at <= start else start
+    duration = max(0.0, end - start)  # what Prometheus saw of the run
 
     ranks = _rank_figures(q, starts)
     by_rank = {r.rank: r for r in ranks}
@@ -436,9 +441,9 @@ def collect(
         job_id=job_id,
         prometheus=prometheus.url,
         status=_status(running, bool(ranks_down), record, steps, target, all_ended),
-        start_time=start,
+        start_time=launched,
         end_time=end,
-        duration_seconds=duration,
+        duration_seconds=max(0.0, end - launched),
         training_seconds=training,
         resolution_seconds=step,
         rate_window_seconds=window,

@@ -85,7 +85,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="jobs side by side, naming the best throughput, the best loss and the fastest",
         description="Put jobs side by side (the figures of `ugro report`) and name the one\n"
         "with the best mean throughput (tokens/s while training), the best loss (lowest\n"
-        "final loss), the fastest (shortest duration) and the most efficient.",
+        "final loss), the fastest (shortest mean step time: like with like, whatever each\n"
+        "run's length or whether it finished) and the most efficient. On a tie the job\n"
+        "named first wins.",
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -223,7 +225,9 @@ def print_renderable(renderable: RenderableType, file: IO[str] | None = None) ->
 _CRITERIA: dict[str, tuple[Callable[[JobReport], float | None], bool]] = {
     "throughput": (lambda r: r.tokens_per_second_mean, True),
     "loss": (lambda r: r.loss_final, False),
-    "fastest": (lambda r: r.duration_seconds, False),
+    # Time per step, not duration: a finished 300-step run and a stopped 3,000-step one
+    # compare fairly.
+    "fastest": (lambda r: r.step_seconds_mean, False),
     "efficiency": (lambda r: r.efficiency.score, True),
 }
 
@@ -552,6 +556,6 @@ def render_compare(reports: Sequence[JobReport], best: dict[str, str | None]) ->
         named("throughput", "best throughput", lambda r: f"{fmt_rate(r.tokens_per_second_mean)}"
               " tokens/s while training"),
         named("loss", "best loss", lambda r: f"final {fmt_loss(r.loss_final)}"),
-        named("fastest", "fastest", lambda r: fmt_duration(r.duration_seconds)),
+        named("fastest", "fastest", lambda r: f"{fmt_step_time(r.step_seconds_mean)} per step"),
         named("efficiency", "most efficient", lambda r: f"{r.efficiency.score:.1f} / 100"),
     )  # fmt: skip

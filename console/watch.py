@@ -45,6 +45,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ugro.launcher import records
 from ugro.launcher.records import JOB_ID, JOB_ID_EXPECTED
 
 from .servers import Alertmanager, Prometheus, QueryError, Unreachable
@@ -54,6 +55,11 @@ from .servers import Alertmanager, Prometheus, QueryError, Unreachable
 LOOKBACK = "15m"
 # One server round trip must not hold up a refresh (or Ctrl-C) for long.
 QUERY_TIMEOUT_SECONDS = 5.0
+# The window of the recorded rates (job_rank:…:rate1m): a younger job's rates count time before
+# it existed.
+RATE_WINDOW_SECONDS = 60.0
+# `--until-done` exit codes, by how the job ended (documented in `ugro watch --help`).
+OUTCOME_CODES = {"finished": 0, "failed": 1, "stopped": 3, "ended": 4}
 
 STATUS_STYLES = {
     # ranks
@@ -69,6 +75,9 @@ STATUS_STYLES = {
     "running": "bold green",
     "waiting": "yellow",
     "ended": "blue",
+    "failed": "bold red",
+    "lost": "bold red",
+    "stopped": "magenta",
 }
 SEVERITY_STYLES = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
@@ -164,6 +173,9 @@ class JobSnapshot:
     loss_mean: float | None = None  # the whole job, over 5 minutes
     alerts: list[AlertState] = field(default_factory=list)
     ranks_down_firing: bool = False  # Prometheus fires TrainingRanksDown for the job
+    # How ugro-launch's record on this machine says the job ended (finished, failed, stopped,
+    # lost), or None: still running, or launched elsewhere.
+    recorded_end: str | None = None
     prometheus_error: str | None = None
     alertmanager_error: str | None = None
 
@@ -194,13 +206,19 @@ class JobSnapshot:
 
     @property
     def outcome(self) -> int | None:
-        """None while the job goes on; else ``--until-done``'s exit code (0 ended well)."""
+        """None while the job goes on; else ``--until-done``'s exit code: 0 finished, 1 failed
+        (crashed, ranks down, lost), 3 stopped, 4 ended without saying how (its targets are
+        gone, its ranks did not say they finished, and no record of it here)."""
+        if self.status == "finished":
+            return OUTCOME_CODES["finished"]
+        if self.recorded_end is not None:  # the launcher saw how it ended
+            return OUTCOME_CODES.get(self.recorded_end, OUTCOME_CODES["failed"])
         if self.prometheus_error is not None:
             return None
-        if self.status in ("finished", "ended"):
-            return 0
+        if self.status == "ended":
+            return OUTCOME_CODES["ended"]
         if self.ranks_down_firing and all(r.status in ("finished", "down") for r in self.ranks):
-            return 1
+            return OUTCOME_CODES["failed"]
         return None
 
 
@@ -273,6 +291,7 @@ def _queries(job_id: str, rules: StatusRules) -> dict[str, str]:
         "target_steps": last("ugro_train_target_steps"),
         "last_step_at": last("ugro_train_last_step_timestamp_seconds"),
         "started_at": last("ugro_train_start_time_seconds"),
+        "tokens": last("ugro_train_tokens_total"),
         "ended_at": last("ugro_train_end_time_seconds"),
         "loss_last": f"ugro_train_loss_last{{{j}}}",
         "loss_mean": f"job_rank:ugro_train_loss:mean1m{{{j}}}",
@@ -406,7 +425,7 @@ def gather(
         "recent_nonfinite",
         "gpu_utilization",
     )
-    for name in (*per_rank, "last_step_at", "started_at", "ended_at"):
+    for name in (*per_rank, "last_step_at", "started_at", "ended_at", "tokens"):
         for sample in results[name]:
             rank = _rank_of(sample)
             value = _number(sample)
@@ -446,6 +465,16 @@ def gather(
     # a job that is over shows the progress of the step count it shows.
     if (progress is None or status in ("finished", "ended")) and steps and targets:
         progress = max(steps) / max(targets)
+    started_at = min(starts) if starts else None
+    steps_per_second, tokens_per_second = job_rates(
+        windowed=(sum(rates) / len(rates) if rates else None, job_value("job_tokens_per_second")),
+        totals=(
+            max(steps) if steps else None,
+            sum(f["tokens"] for f in facts.values() if "tokens" in f),
+        ),
+        started_at=started_at if status == "running" else None,
+        taken_at=taken_at,
+    )
     return JobSnapshot(
         job_id,
         taken_at,
@@ -453,18 +482,37 @@ def gather(
         status=status,
         ranks=ranks,
         world_size=max(world_sizes) if world_sizes else None,
-        started_at=min(starts) if starts else None,
+        started_at=started_at,
         last_step_at=max(last_steps) if last_steps else None,
         steps=max(steps) if steps else None,
         target_steps=max(targets) if targets else None,
         progress=progress,
-        steps_per_second=sum(rates) / len(rates) if rates else None,
-        tokens_per_second=job_value("job_tokens_per_second"),
+        steps_per_second=steps_per_second,
+        tokens_per_second=tokens_per_second,
         loss_mean=job_value("job_loss_mean"),
         alerts=alerts,
         ranks_down_firing=bool(results["ranks_down_firing"]),
         alertmanager_error=alertmanager_error,
     )
+
+
+def job_rates(
+    *,
+    windowed: tuple[float | None, float | None],
+    totals: tuple[float | None, float],
+    started_at: float | None,
+    taken_at: float,
+) -> tuple[float | None, float | None]:
+    """Steps/s and tokens/s of a job: the recorded 1-minute rates, except while the job is
+    younger than their window, whose rates would count time before it existed; then what the
+    data supports, its totals since its start."""
+    steps, tokens = totals
+    if started_at is None or not steps:
+        return windowed
+    age = taken_at - started_at
+    if not 0 < age < RATE_WINDOW_SECONDS:
+        return windowed
+    return steps / age, (tokens / age if tokens else windowed[1])
 
 
 # -- drawing ----------------------------------------------------------------------------------
@@ -647,9 +695,29 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--until-done",
         action="store_true",
         help="exit when the job is over: 0 when it finished (every rank reached its target "
-        "steps, or its targets were removed), 1 when its ranks went down",
+        "steps or closed its telemetry normally), 1 when it failed (ranks down, a failed or "
+        "lost job), 3 when it was stopped (ugro-launch stop), 4 when its targets are gone "
+        "without saying how it ended. Where ugro-launch's record of the job is on this machine "
+        "($UGRO_STATE_DIR), it says how the job ended, however long ago",
     )
     parser.set_defaults(run=run)
+
+
+def recorded_end(job_id: str) -> str | None:
+    """How ugro-launch's record of the job on this machine says it ended, if it has ended."""
+    try:
+        state = records.load_record(job_id).state
+    except (records.RecordError, TypeError):
+        return None
+    ended = (records.FINISHED, records.FAILED, records.STOPPED, records.LOST)
+    return state if state in ended else None
+
+
+def with_record(frame: JobSnapshot, end: str | None) -> JobSnapshot:
+    """The frame, told how the job ended where Prometheus no longer shows it running."""
+    if end is None or frame.status not in ("waiting", "ended", "down", "starting"):
+        return frame
+    return replace(frame, recorded_end=end, status=end)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -661,7 +729,9 @@ def run(args: argparse.Namespace) -> int:
     rules = StatusRules.load()
 
     def snapshot() -> JobSnapshot:
-        return gather(args.job, prometheus, alertmanager, rules)
+        return with_record(
+            gather(args.job, prometheus, alertmanager, rules), recorded_end(args.job)
+        )
 
     console = Console()
     try:

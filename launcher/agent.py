@@ -65,7 +65,9 @@ EXIT_ERROR = 1
 EXIT_CANNOT_EXECUTE = 127  # what shells report when a command cannot be run
 
 START_PID_TIMEOUT_SECONDS = 10.0
-START_SETTLE_SECONDS = 1.0  # a torchrun that dies within this is reported as a failed start
+# A torchrun that exits within this is reported as a failed start. Its workers fail at once on
+# a wrong script path or working directory, and torchrun notices and exits about 2 s later.
+START_SETTLE_SECONDS = 5.0
 START_FAILURE_LOG_LINES = 20
 EXPORTER_PROBE_TIMEOUT_SECONDS = 2.0
 EXPORTER_START_TIMEOUT_SECONDS = 15.0
@@ -598,7 +600,7 @@ def start_job(
         return {
             "state": "failed",
             "reason": f"exited with code {exit_code} at once: "
-            f"{_tail_text(log, START_FAILURE_LOG_LINES)}",
+            f"{_head_and_tail_text(log, START_FAILURE_LOG_LINES)}",
             "exit_code": exit_code,
             "dir": str(directory),
         }
@@ -860,6 +862,20 @@ def _tail_text(path: pathlib.Path, lines: int) -> str:
     except OSError as error:
         return f"({path}: {_describe_os_error(error)})"
     return data.decode(errors="replace").rstrip("\n")
+
+
+def _head_and_tail_text(path: pathlib.Path, lines: int) -> str:
+    """A short log whole; a longer one's first and last ``lines // 2`` lines. A worker's own
+    error (a script that cannot be opened) comes first, torchrun's summary of it last."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"({path}: {_describe_os_error(error)})"
+    all_lines = text.rstrip("\n").splitlines()
+    if len(all_lines) <= lines:
+        return "\n".join(all_lines)
+    half = lines // 2
+    return "\n".join([*all_lines[:half], "…", *all_lines[-half:]])
 
 
 class _Interrupted(Exception):

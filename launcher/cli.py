@@ -134,8 +134,8 @@ def parser() -> argparse.ArgumentParser:
     ssh.add_argument(
         "--known-hosts",
         type=pathlib.Path,
-        default=DEFAULT_KNOWN_HOSTS,
-        help="known_hosts file the nodes' SSH host keys are checked against",
+        help="known_hosts file the nodes' SSH host keys are checked against (default: for "
+        f"run {DEFAULT_KNOWN_HOSTS}, for a job's other verbs the file it was launched with)",
     )
     ssh.add_argument(
         "--accept-new-host-keys",
@@ -186,8 +186,12 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def ssh_options(args: argparse.Namespace) -> SshOptions:
-    return SshOptions(args.known_hosts, args.accept_new_host_keys)
+def ssh_options(args: argparse.Namespace, record: records.JobRecord | None = None) -> SshOptions:
+    """--known-hosts if given, else the one the job was launched with, else the default."""
+    known_hosts = args.known_hosts
+    if known_hosts is None and record is not None and record.known_hosts:
+        known_hosts = pathlib.Path(record.known_hosts)
+    return SshOptions(known_hosts or DEFAULT_KNOWN_HOSTS, args.accept_new_host_keys)
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -275,10 +279,19 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
         return list_jobs(args, command)
     record = records.load_record(args.job_id)
     plan = plan_from_record(record, load_inventory(record.inventory))
-    with NodeSet(plan.inventory, plan.nodes, ssh_options(args)) as nodes:
+    with NodeSet(plan.inventory, plan.nodes, ssh_options(args, record)) as nodes:
         answers = node_statuses(plan, nodes)
-    print(f"job {record.job_id}: {record.shown_state} (started {_when(record.started_at)})")
-    if record.shown_state == records.INTERRUPTED:
+    unreachable = [name for name, answer in answers.items() if isinstance(answer, Exception)]
+    shown = record.shown_state
+    if record.state == records.RUNNING and not unreachable:
+        # What the nodes say now, ahead of the watcher that will record it.
+        states = {answer.get("state") for answer in answers.values()}
+        if states == {"finished"}:
+            shown = records.FINISHED
+        elif states & {"failed", "lost", "unknown"}:
+            shown = records.FAILED
+    print(f"job {record.job_id}: {shown} (started {_when(record.started_at)})")
+    if shown == records.INTERRUPTED:
         print(f"  its launch was interrupted: `ugro-launch stop {record.job_id}` stops it")
     for node in plan.nodes:
         answer = answers[node.name]
@@ -286,8 +299,13 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
             print(f"  {node.name:<16} unreachable: {answer}")
             continue
         state = answer.get("state", "?")
+        if record.state == records.STOPPED and state in ("failed", "finished"):
+            state = "stopped"  # torchrun exits 1 on the SIGTERM of `stop`: not a failure
         detail = "" if answer.get("exit_code") is None else f" (exit code {answer['exit_code']})"
         print(f"  {node.name:<16} {state}{detail}")
+    if unreachable:
+        print(f"ugro-launch: cannot reach {', '.join(unreachable)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -311,7 +329,7 @@ def stop_command(args: argparse.Namespace, command: list[str]) -> int:
     if record.state in (records.RUNNING, records.LAUNCHING):
         record = replace_state(record, state=records.STOPPED, ended_at=time.time(), launcher=None)
     stop_watcher(record)
-    results = stop_job(plan, ssh_options(args))
+    results = stop_job(plan, ssh_options(args, record))
     failed = False
     for name, result in results.items():
         if isinstance(result, Exception):
@@ -363,7 +381,7 @@ def show_logs(args: argparse.Namespace, command: list[str]) -> int:
         )
     if args.lines < 0:
         raise UsageError(f"--lines {args.lines}: expected a count >= 0")
-    with NodeSet(plan.inventory, [node], ssh_options(args)) as nodes:
+    with NodeSet(plan.inventory, [node], ssh_options(args, record)) as nodes:
         argv = nodes.agent_argv(
             "logs",
             f"--job-id={record.job_id}",

@@ -168,6 +168,7 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
         rdzv_port=plan.rdzv_port,
         started_at=time.time(),
         chdir=plan.chdir,
+        known_hosts=str(options.known_hosts),
         state=records.LAUNCHING,
         launcher=records.process_ref(os.getpid()),
     )
@@ -204,7 +205,6 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
     record.state = records.RUNNING
     record.launcher = None
     record.node_states = started
-    record.started_at = time.time()
     record.save()
     record.watcher_pid = start_watcher(record, options)
     record.save()

@@ -54,6 +54,7 @@ class JobRecord:
     # [pid, create_time] of the ugro-launch process that is starting the job (LAUNCHING only).
     launcher: list[float] | None = None
     chdir: str | None = None  # the job's working directory on its nodes (None: the default)
+    known_hosts: str | None = None  # the --known-hosts the job was launched with
 
     @property
     def path(self) -> pathlib.Path:

@@ -519,7 +519,7 @@ def test_compare_names_the_best_throughput_loss_and_fastest(stack, gpu_report, c
     assert document["best"] == {
         "throughput": best(lambda j: jobs[j]["throughput"]["tokens_per_second_mean"], max),
         "loss": best(lambda j: jobs[j]["loss"]["final"], min),
-        "fastest": best(lambda j: jobs[j]["time"]["duration_seconds"], min),
+        "fastest": best(lambda j: jobs[j]["throughput"]["step_seconds_mean"], min),
         "efficiency": best(lambda j: jobs[j]["efficiency"]["score"], max),
     }
     # Same figures as `ugro report` (the curves' timing aside).
@@ -604,10 +604,10 @@ def test_lookback_durations():
 
 
 def test_winners_skip_unknown_figures_and_keep_the_first_on_a_tie():
-    def job(job_id, tokens_per_second, final_loss, duration, score):
+    def job(job_id, tokens_per_second, final_loss, step_seconds, score):
         stub = JobReport.__new__(JobReport)
         stub.job_id, stub.tokens_per_second_mean = job_id, tokens_per_second
-        stub.loss_final, stub.duration_seconds = final_loss, duration
+        stub.loss_final, stub.step_seconds_mean = final_loss, step_seconds
         stub.efficiency = type("E", (), {"score": score})()
         return stub
 

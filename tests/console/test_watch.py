@@ -31,9 +31,11 @@ from ugro.console.watch import (
     RankState,
     StatusRules,
     gather,
+    job_rates,
     job_status,
     rank_status,
     render,
+    with_record,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -254,7 +256,8 @@ def test_status_rules_come_from_the_alert_thresholds():
         (["down", "down"], True, "down", 1),
         (["finished", "down"], True, "down", 1),
         (["finished", "finished"], False, "finished", 0),
-        (["gone", "finished"], False, "ended", 0),
+        # Targets gone, a rank that did not say it finished, no record here: said apart.
+        (["gone", "finished"], False, "ended", 4),
     ],
 )
 def test_job_status_and_when_until_done_stops(statuses, ranks_down_firing, job, outcome):
@@ -262,6 +265,44 @@ def test_job_status_and_when_until_done_stops(statuses, ranks_down_firing, job, 
     assert job_status(ranks) == job
     snapshot = JobSnapshot("j", NOW, status=job, ranks=ranks, ranks_down_firing=ranks_down_firing)
     assert snapshot.outcome == outcome
+
+
+@pytest.mark.parametrize(
+    ("prometheus_status", "recorded", "shown", "outcome"),
+    [
+        # Long after the job: Prometheus has nothing within its lookback, the record remembers.
+        ("waiting", "finished", "finished", 0),
+        ("waiting", "stopped", "stopped", 3),
+        ("waiting", "failed", "failed", 1),
+        ("waiting", "lost", "lost", 1),
+        # Stopped: its targets are gone; the record tells stopped from finished.
+        ("ended", "stopped", "stopped", 3),
+        ("ended", None, "ended", 4),
+        # A job still running per Prometheus is not overruled.
+        ("running", None, "running", None),
+        ("waiting", None, "waiting", None),
+    ],
+)
+def test_the_launchers_record_says_how_a_job_ended(prometheus_status, recorded, shown, outcome):
+    frame = with_record(JobSnapshot("j", NOW, status=prometheus_status), recorded)
+    assert (frame.status, frame.outcome) == (shown, outcome)
+
+
+def test_a_young_job_rates_its_totals_since_its_start():
+    """Sixteen seconds in, a 1-minute rate counts 44 s before the job existed."""
+    windowed = (0.53, 533.0)  # what the recorded 1-minute rates say 16 s in
+    young = job_rates(windowed=windowed, totals=(32, 32_000.0), started_at=NOW - 16, taken_at=NOW)
+    assert young == (2.0, 2000.0)  # 32 steps and 32,000 tokens in 16 s
+    frame = JobSnapshot("j", NOW, status="running", steps=32, target_steps=1000,
+                        steps_per_second=young[0])  # fmt: skip
+    assert frame.eta_seconds == (1000 - 32) / 2.0
+    # A minute in, the windowed rates hold; before any step, nothing to rate.
+    assert job_rates(windowed=windowed, totals=(32, 1.0), started_at=NOW - 61, taken_at=NOW) == (
+        windowed
+    )
+    assert job_rates(windowed=windowed, totals=(0, 0.0), started_at=NOW - 5, taken_at=NOW) == (
+        windowed
+    )
 
 
 # -- the command without servers ------------------------------------------------------------------

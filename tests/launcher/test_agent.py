@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from ugro.launcher.agent import JOB_MARKER_ENV
+from ugro.launcher.agent import JOB_MARKER_ENV, START_SETTLE_SECONDS
 from ugro.launcher.jobfiles import job_dir, read_process_ref
 
 from ..support import wait_for
@@ -298,8 +298,11 @@ def test_a_quick_success_is_finished(jobs):
 
 
 def test_exit_code_3_is_failed(jobs):
-    assert jobs.python("three", "import time, sys; time.sleep(1.5); sys.exit(3)")["state"] == (
-        "started"
+    # It outlives the start's settling time, so it is a job that failed, not a failed start.
+    later = START_SETTLE_SECONDS + 1.5
+    assert (
+        jobs.python("three", f"import time, sys; time.sleep({later}); sys.exit(3)")["state"]
+        == "started"
     )
     status = jobs.wait_ended("three")
     assert status["state"] == "failed" and status["exit_code"] == 3

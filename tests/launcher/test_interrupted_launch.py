@@ -236,3 +236,20 @@ def test_a_relative_chdir_is_refused_before_anything_starts(held):
     assert result.returncode == 2
     assert "--chdir 'nanogpt': expected an absolute path (or ~/...)" in result.stderr
     assert not held.state_dir.exists() or list(held.state_dir.iterdir()) == []
+
+
+def test_a_script_that_cannot_start_fails_the_launch_and_leaves_nothing(held):
+    """torchrun starts, its workers cannot open the script, torchrun exits ~2 s later: that is
+    a failed start, rolled back, not a job "started" whose targets then raise alerts."""
+    held.release()  # no hold: the start answers as soon as it knows
+    result = held(
+        "run", f"--inventory={held.inventory}", "--job-id=no-script", f"--chdir={held.tmp_path}",
+        f"--rdzv-port={free_port()}", "--known-hosts=/nonexistent", "--", "no_such_train.py",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "torchrun could not be started on here" in result.stderr
+    assert "can't open file" in result.stderr  # the end of torchrun's output, to act on
+    assert "started on" not in result.stdout
+    assert not held.record_file("no-script").exists()
+    assert not (held.targets_dir / "ranks" / "no-script.json").exists()
+    assert_nothing_of("no-script")

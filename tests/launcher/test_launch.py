@@ -276,6 +276,37 @@ def test_crashed_node_fails_the_job_stops_the_rest_and_keeps_its_targets(launche
     assert not (launcher.targets_dir / "ranks" / "crashes.json").exists()
 
 
+def test_status_uses_the_jobs_known_hosts_and_fails_for_an_unreachable_node(launcher):
+    started = launcher.run("remembered")
+    assert started.returncode == 0, started.stderr + started.stdout
+
+    def status() -> subprocess.CompletedProcess[str]:
+        # No --known-hosts: the job's record remembers the file it was launched with.
+        return subprocess.run(
+            [*LAUNCH, "status", "remembered"], capture_output=True, text=True, timeout=120,
+            stdin=subprocess.DEVNULL, env={**os.environ, "UGRO_STATE_DIR": str(launcher.state_dir)},
+        )  # fmt: skip
+
+    running = status()
+    assert running.returncode == 0, running.stderr
+    assert "job remembered: running" in running.stdout
+    assert "node-b           running" in running.stdout
+    launcher.cluster["node-b"].stop_sshd()
+    try:
+        cut_off = status()
+        assert cut_off.returncode == 1
+        assert "node-b           unreachable" in cut_off.stdout
+        assert "cannot reach node-b" in cut_off.stderr
+    finally:
+        launcher.cluster["node-b"].start_sshd()
+    assert launcher("stop", "remembered").returncode == 0
+    stopped = status()
+    assert "job remembered: stopped" in stopped.stdout
+    # torchrun exits 1 on the SIGTERM of `stop`; the nodes say what happened: stopped.
+    assert "node-a           stopped (exit code" in stopped.stdout
+    assert "failed" not in stopped.stdout
+
+
 def test_accepting_a_new_host_key_remembers_it(launcher, tmp_path):
     known_hosts = tmp_path / "fresh_known_hosts"
     launcher.known_hosts = known_hosts
