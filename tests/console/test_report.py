@@ -357,6 +357,32 @@ def test_time_and_throughput_come_from_the_ranks_clocks(gpu_report, runs):
     assert throughput["tokens_per_second_peak"] < 3 * throughput["tokens_per_second_mean"]
 
 
+def test_with_the_launchers_record_the_run_counts_from_the_launch(
+    stack, gpu_report, tmp_path, monkeypatch, capsys
+):
+    """20 s of imports and model loading before the telemetry started are part of the run."""
+    from ugro.launcher import records
+
+    monkeypatch.setenv("UGRO_STATE_DIR", str(tmp_path))
+    launched = gpu_report["time"]["start"] - 20
+    records.JobRecord(
+        job_id=GPU_JOB, inventory="/nonexistent/inventory.yml", nodes=["node-a"],
+        nproc_per_node=2, command=["-m", "ugro.trainer.train"], rdzv_port=29500,
+        started_at=launched, state=records.FINISHED,
+    ).save()  # fmt: skip
+    code, out, err = ugro(capsys, "--prometheus", stack.prometheus_url, "report", GPU_JOB, "--json")
+    assert code == 0, err
+    time_ = json.loads(out)["time"]
+    assert time_["start"] == pytest.approx(launched, abs=1e-6)
+    assert time_["duration_seconds"] == pytest.approx(
+        gpu_report["time"]["duration_seconds"] + 20, abs=1e-6
+    )
+    assert time_["training_seconds"] == gpu_report["time"]["training_seconds"]
+    assert time_["overhead_seconds"] == pytest.approx(
+        gpu_report["time"]["overhead_seconds"] + 20, abs=1e-6
+    )
+
+
 def test_gpu_figures_are_the_fake_gpus_readings(gpu_report):
     gpu = gpu_report["gpu"]
     assert gpu["count"] == 2
