@@ -2,6 +2,7 @@
 
     <python> -m ugro.launcher.agent preflight --workdir W --ports 9500,9501,9490 [--gpus N]
     <python> -m ugro.launcher.agent ensure-exporter --port P --node NAME --workdir W
+    <python> -m ugro.launcher.agent stop-exporter --node NAME --workdir W
     <python> -m ugro.launcher.agent start --job-id J --node NAME --workdir W [--env K=V] -- ARGV...
     <python> -m ugro.launcher.agent status|stop|logs --job-id J --node NAME --workdir W
 
@@ -73,6 +74,7 @@ EXPORTER_PROBE_TIMEOUT_SECONDS = 2.0
 EXPORTER_START_TIMEOUT_SECONDS = 15.0
 EXPORTER_FAILURE_LOG_LINES = 10
 EXPORTER_LOCK_TIMEOUT_SECONDS = 30.0
+EXPORTER_STOP_GRACE_SECONDS = 10.0
 STOP_AFTER_KILL_SECONDS = 5.0
 FOLLOW_POLL_SECONDS = 0.2
 # Set in the environment of every job process, to the job directory: how stop finds them all.
@@ -183,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--workdir", required=True, help="its log goes to WORKDIR/exporter/NODE.log")
     sub.add_argument("--listen-address", type=_address, default="0.0.0.0")
 
+    sub = verbs.add_parser("stop-exporter", help="stop the exporter ensure-exporter started")
+    sub.add_argument("--node", required=True, type=_name("node name"))
+    sub.add_argument("--workdir", required=True)
+
     sub = verbs.add_parser("start", help="start -- ARGV... detached, under a supervisor")
     job_options(sub)
     sub.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V")
@@ -251,6 +257,8 @@ def _run_verb(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
         )
     if args.verb == "ensure-exporter":
         return ensure_exporter(args.port, args.node, args.workdir, args.listen_address)
+    if args.verb == "stop-exporter":
+        return stop_exporter(args.node, args.workdir)
     directory = job_dir(args.workdir, args.job_id, args.node)
     if args.verb == "start":
         return start_job(
@@ -462,6 +470,11 @@ def _start_exporter(
             }
         if _exporter_answers(host, port, 1.0):
             _detach(exporter)
+            with contextlib.suppress(psutil.Error, OSError):
+                ref = jobfiles.format_process_ref(
+                    exporter.pid, psutil.Process(exporter.pid).create_time()
+                )
+                write_atomic(log.with_suffix(".pid"), ref)
             return {"state": "started", "pid": exporter.pid, "log": str(log)}
         time.sleep(0.1)
     # Silent after 15 s is broken: remove it, so that the next attempt does not find it.
@@ -474,6 +487,31 @@ def _start_exporter(
         f"{EXPORTER_START_TIMEOUT_SECONDS:g} s; last lines of {log}:\n"
         f"{_tail_text(log, EXPORTER_FAILURE_LOG_LINES)}",
     }
+
+
+def stop_exporter(node: str, workdir: str) -> dict[str, Any]:
+    """Stop the exporter that ``ensure-exporter`` started for ``node`` (SIGTERM, SIGKILL after
+    a grace period). One it did not start (its pid file is missing, or names another process)
+    is left alone: a node's own service manager owns that one."""
+    pid_file = jobfiles.exporter_dir(workdir) / f"{jobfiles.check_name(node, 'node name')}.pid"
+    ref = read_process_ref(pid_file)
+    if not _alive(ref):
+        pid_file.unlink(missing_ok=True)
+        return {"state": "not_running"}
+    process = psutil.Process(ref[0])
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(ref[0], signal.SIGTERM)  # it leads a session of its own
+    try:
+        process.wait(EXPORTER_STOP_GRACE_SECONDS)
+    except psutil.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ref[0], signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            process.wait(EXPORTER_STOP_GRACE_SECONDS)
+    except psutil.NoSuchProcess:
+        pass
+    pid_file.unlink(missing_ok=True)
+    return {"state": "stopped", "pid": ref[0]}
 
 
 def _probe_host(listen_address: str) -> str:

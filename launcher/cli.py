@@ -23,11 +23,12 @@ from .launch import (
     plan_from_record,
     replace_state,
     stop_job,
+    targets_for,
 )
 from .nodes import NodeSet
 from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
 
-VERBS = ("run", "status", "stop", "logs", "list")
+VERBS = ("run", "status", "stop", "logs", "list", "stop-exporters")
 DEFAULT_RDZV_PORT = 29500
 
 EPILOG = """\
@@ -41,6 +42,10 @@ verbs:
                   "interrupted") is stopped like a running job
   logs     JOB    the end of a node's torchrun output (--node, --lines, --follow)
   list            the jobs this machine launched, newest last
+  stop-exporters  -i INVENTORY [--nodes A,B]  stop the ugro-exporter that `run` started on
+                  nodes, after removing their Prometheus targets (so NodeExporterDown stays
+                  silent); refused for a node where a job launched from here runs, unless
+                  --force; an exporter that `run` did not start is left alone
 
 Ctrl-C, SIGTERM or SIGHUP during `run` stops what was started and forgets the job.
 
@@ -183,6 +188,16 @@ def parser() -> argparse.ArgumentParser:
 
     listing = verbs.add_parser("list", help="the jobs launched from this machine")
     listing.set_defaults(handler=list_jobs)
+
+    exporters = verbs.add_parser(
+        "stop-exporters", parents=[ssh], help="stop the exporters that run started on nodes"
+    )
+    exporters.add_argument("-i", "--inventory", type=pathlib.Path, required=True)
+    exporters.add_argument("--nodes", help="comma-separated node names (default: every node)")
+    exporters.add_argument(
+        "--force", action="store_true", help="also on nodes where a job launched from here runs"
+    )
+    exporters.set_defaults(handler=stop_exporters)
     return top
 
 
@@ -391,6 +406,48 @@ def show_logs(args: argparse.Namespace, command: list[str]) -> int:
             *(["--follow"] if args.follow else []),
         )
         return nodes.shells[node.name].stream(argv)
+
+
+def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
+    inventory = load_inventory(args.inventory)
+    if args.nodes:
+        nodes = [inventory.node(name.strip()) for name in args.nodes.split(",") if name.strip()]
+    else:
+        nodes = list(inventory.nodes)
+    busy = {
+        name: job.job_id
+        for job in records.all_records()
+        if job.state in (records.RUNNING, records.LAUNCHING)
+        for name in job.nodes
+    }
+    in_use = [node.name for node in nodes if node.name in busy]
+    if in_use and not args.force:
+        raise UsageError(
+            "jobs launched from here run on "
+            + ", ".join(f"{name} ({busy[name]})" for name in in_use)
+            + ": stop them first, or give --force"
+        )
+    targets = targets_for(inventory, ssh_options(args))
+    for node in nodes:  # first: Prometheus must not page about an exporter stopped on purpose
+        targets.remove_node(node.name)
+    failed = False
+    with NodeSet(inventory, nodes, ssh_options(args)) as shells:
+        results = shells.each(
+            lambda node: shells.agent(
+                node,
+                "stop-exporter",
+                f"--node={node.name}",
+                f"--workdir={inventory.defaults.workdir}",
+                timeout=60,
+            )
+        )
+    for name, result in results.items():
+        if isinstance(result, Exception):
+            failed = True
+            print(f"  {name:<16} NOT stopped: {result}")
+        else:
+            print(f"  {name:<16} {result.get('state')}")
+    return 1 if failed else 0
 
 
 def list_jobs(args: argparse.Namespace, command: list[str]) -> int:

@@ -53,7 +53,8 @@ def job_dir(workdir: str | os.PathLike[str], job_id: str, node: str) -> pathlib.
 
 
 def exporter_dir(workdir: str | os.PathLike[str]) -> pathlib.Path:
-    """Where ``ensure-exporter`` keeps each node's exporter log (``<node>.log``)."""
+    """Where ``ensure-exporter`` keeps each node's exporter log (``<node>.log``) and the
+    ``<pid> <create_time>`` of the exporter it started (``<node>.pid``)."""
     return pathlib.Path(workdir).expanduser() / "exporter"
 
 

@@ -163,8 +163,13 @@ class SshShell:
         return CommandResult(result.exited, result.stdout, result.stderr)
 
     def stream(self, argv: list[str]) -> int:
+        """Run with output passed straight through (``logs --follow``). On a pseudo-terminal,
+        so that Ctrl-C here (which Fabric forwards as ^C) interrupts the remote command at
+        once, as it would in an ssh session, and nothing is left following on the node."""
         self._open()
-        result = self.connection.run(shlex.join(argv), hide=False, warn=True, in_stream=False)
+        result = self.connection.run(
+            shlex.join(argv), hide=False, warn=True, in_stream=False, pty=True
+        )
         return result.exited
 
     def put_text(self, path: str, text: str) -> None:

@@ -92,6 +92,14 @@ class LocalTargets:
             return False
         return True
 
+    def remove_node(self, node: str) -> bool:
+        """Forget a node's exporter; True when there was something to remove."""
+        try:
+            self.node_file(node).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
 
 class RemoteTargets:
     """Target files in a directory on the Prometheus host, written over SSH (SFTP + rename)."""
@@ -114,3 +122,6 @@ class RemoteTargets:
 
     def remove_job(self, job_id: str) -> bool:
         return self.shell.remove(self.job_file(job_id))
+
+    def remove_node(self, node: str) -> bool:
+        return self.shell.remove(self.node_file(node))

@@ -253,3 +253,32 @@ def test_a_script_that_cannot_start_fails_the_launch_and_leaves_nothing(held):
     assert not held.record_file("no-script").exists()
     assert not (held.targets_dir / "ranks" / "no-script.json").exists()
     assert_nothing_of("no-script")
+
+
+def test_stop_exporters_stops_what_run_started_and_forgets_its_target(held):
+    launcher = held.start("exported")
+    held.wait_until_torchrun_runs("exported")
+    refused = held("stop-exporters", f"--inventory={held.inventory}")
+    assert refused.returncode == 2
+    assert "jobs launched from here run on here (exported)" in refused.stderr
+    held.release()
+    launcher.communicate(timeout=120)
+    assert held("stop", "exported", "--known-hosts=/nonexistent").returncode == 0
+
+    def exporters() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if "ugro.exporter" in (p.info["cmdline"] or [])
+            and any(str(held.exporter_port) in part for part in p.info["cmdline"])
+        ]
+
+    node_target = held.targets_dir / "nodes" / f"{NODE}.json"
+    assert exporters() and node_target.exists()
+    stopped = held("stop-exporters", f"--inventory={held.inventory}", "--known-hosts=/nonexistent")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert f"{NODE:<16} stopped" in stopped.stdout
+    assert exporters() == []
+    assert not node_target.exists()  # Prometheus does not page about it
+    again = held("stop-exporters", f"--inventory={held.inventory}", "--known-hosts=/nonexistent")
+    assert f"{NODE:<16} not_running" in again.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -305,6 +306,35 @@ def test_status_uses_the_jobs_known_hosts_and_fails_for_an_unreachable_node(laun
     # torchrun exits 1 on the SIGTERM of `stop`; the nodes say what happened: stopped.
     assert "node-a           stopped (exit code" in stopped.stdout
     assert "failed" not in stopped.stdout
+
+
+def test_one_ctrl_c_ends_logs_follow_here_and_on_the_node(launcher):
+    started = launcher.run("followed")
+    assert started.returncode == 0, started.stderr + started.stdout
+    follower = subprocess.Popen(
+        [*LAUNCH, "logs", "followed", "--follow", f"--known-hosts={launcher.known_hosts}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "UGRO_STATE_DIR": str(launcher.state_dir)}, start_new_session=True,
+    )  # fmt: skip
+
+    def remote_followers() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if {"ugro.launcher.agent", "logs", "--job-id=followed"} <= set(p.info["cmdline"] or [])
+        ]
+
+    try:
+        wait_for(remote_followers, 30, "the follower on node-a")
+        time.sleep(1)
+        os.killpg(follower.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        follower.communicate(timeout=5)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+            follower.communicate()
+    wait_for(lambda: not remote_followers(), 5, "the follower on the node gone")
+    assert launcher("stop", "followed").returncode == 0
 
 
 def test_accepting_a_new_host_key_remembers_it(launcher, tmp_path):
