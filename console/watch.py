@@ -630,8 +630,21 @@ def _alerts_panel(snapshot: JobSnapshot, retry: str) -> Panel:
 def render(snapshot: JobSnapshot, interval: float | None = None) -> RenderableType:
     """The frame for ``snapshot``; ``interval`` (live mode) adds the retry period to errors."""
     retry = f" (retrying every {interval:g} s)" if interval else ""
+    ended = None
+    if snapshot.recorded_end is not None:
+        ended = Text.assemble(
+            (
+                f" {snapshot.recorded_end.upper()} ",
+                f"reverse {STATUS_STYLES.get(snapshot.status, '')}",
+            ),
+            "  as ugro-launch's record of the job on this machine says",
+        )
     if snapshot.prometheus_error:
         body: RenderableType = Text(snapshot.prometheus_error + retry, style="bold red")
+        if ended is not None:
+            body = Group(ended, body)
+    elif not snapshot.ranks and ended is not None:
+        body = ended
     elif not snapshot.ranks:
         body = Text(
             f"Prometheus at {snapshot.prometheus_url} has no series for job "

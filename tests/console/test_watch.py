@@ -346,6 +346,31 @@ def test_once_against_closed_ports_prints_the_message_and_exits_1():
     assert "retrying" not in result.stdout  # one frame: nothing is retried
 
 
+@pytest.mark.parametrize(("state", "code"), [("stopped", 3), ("finished", 0), ("failed", 1)])
+def test_until_done_for_a_long_gone_job_answers_from_its_record(tmp_path, state, code):
+    """Hours later Prometheus has nothing within the lookback (here it does not even answer):
+    the launcher's record on this machine says how the job ended, and the command exits."""
+    from ugro.launcher import records
+
+    env_state = {"UGRO_STATE_DIR": str(tmp_path)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UGRO_STATE_DIR", str(tmp_path))
+        records.JobRecord(
+            job_id="old-job", inventory="/nonexistent/inventory.yml", nodes=["node-a"],
+            nproc_per_node=1, command=["train.py"], rdzv_port=29500,
+            started_at=NOW - 86400, state=state, ended_at=NOW - 80000,
+        ).save()  # fmt: skip
+    closed = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "ugro.console", "--prometheus", closed, "--alertmanager", closed,
+         "watch", "old-job", "--until-done"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", **env_state},
+    )  # fmt: skip
+    assert result.returncode == code, result
+    assert state.upper() in result.stdout
+
+
 # -- against a real run -----------------------------------------------------------------------
 
 

@@ -337,6 +337,22 @@ def test_one_ctrl_c_ends_logs_follow_here_and_on_the_node(launcher):
     assert launcher("stop", "followed").returncode == 0
 
 
+def test_status_says_failed_from_the_nodes_before_the_watcher_has_recorded_it(launcher):
+    crashing = [*SMALL_TRAINER, "--fault-rank=1", "--crash-at=30"]
+    started = launcher.run("crash-seen", command=crashing, nproc=1)
+    assert started.returncode == 0, started.stderr + started.stdout
+    launcher.kill_watchers()  # nobody records the end: the record says "running"
+
+    def a_failed_node() -> str | None:
+        out = launcher("status", "crash-seen").stdout
+        return out if "failed (exit code" in out else None
+
+    status = wait_for(a_failed_node, 120, "node-b failed")
+    assert "job crash-seen: failed" in status
+    assert launcher.record("crash-seen")["state"] == "running"
+    assert launcher("stop", "crash-seen").returncode == 0
+
+
 def test_accepting_a_new_host_key_remembers_it(launcher, tmp_path):
     known_hosts = tmp_path / "fresh_known_hosts"
     launcher.known_hosts = known_hosts
