@@ -76,6 +76,9 @@ class JobPlan:
             # progress lines for minutes; the inventory's env may say otherwise.
             "PYTHONUNBUFFERED": "1",
             **self.inventory.defaults.env,
+            # Registered with Prometheus below: a rank waits at its end for the scrape that
+            # takes its final values, even when the job is shorter than the first scrape.
+            "UGRO_REGISTERED_TARGET": "1",
             "UGRO_JOB_ID": self.job_id,
             "UGRO_NODE": node.name,
             "UGRO_METRICS_PORT": str(self.inventory.defaults.metrics_base_port),

@@ -5,7 +5,9 @@ torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; ``ugro-launch`` (or t
 ``UGRO_METRICS_ADDR`` and ``UGRO_NODE``. ``UGRO_GPU_UUIDS`` (optional) names the GPU each local
 rank uses, for setups where torch's view of the device is not NVML's.
 ``UGRO_FINAL_SCRAPE_TIMEOUT`` bounds how long ``close()`` waits for the scrape that carries the
-rank's final values (seconds; 0 does not wait). Every bad value is
+rank's final values (seconds; 0 does not wait). ``UGRO_REGISTERED_TARGET=1`` (ugro-launch sets
+it) says Prometheus has the rank as a target, so ``close()`` waits for that scrape even when none
+has come yet: a job shorter than Prometheus's first scrape is still seen whole. Every bad value is
 rejected here, before the first training step, with an error that names the variable and what
 was expected.
 """
@@ -60,6 +62,7 @@ class TelemetryConfig:
     # The rank's GPU as NVML names it, when given; otherwise learnt from the rank's CUDA device.
     gpu_uuid: str | None = None
     final_scrape_timeout: float = DEFAULT_FINAL_SCRAPE_TIMEOUT_SECONDS
+    registered_target: bool = False  # Prometheus scrapes this rank: wait for it at close
 
     @property
     def metrics_port(self) -> int:
@@ -198,6 +201,12 @@ class TelemetryConfig:
                 f"{timeout_source}={raw_timeout!r}: expected seconds from 0 to 3600"
             )
 
+        registered = env.get("UGRO_REGISTERED_TARGET", "0").strip().lower()
+        if registered not in ("0", "1", "true", "false", ""):
+            raise TelemetryConfigError(
+                f"UGRO_REGISTERED_TARGET={env['UGRO_REGISTERED_TARGET']!r}: expected 1 or 0"
+            )
+
         return cls(
             job_id=resolved_job_id,
             rank=resolved_rank,
@@ -210,4 +219,5 @@ class TelemetryConfig:
             total_steps=total_steps,
             gpu_uuid=resolved_gpu_uuid,
             final_scrape_timeout=resolved_timeout,
+            registered_target=registered in ("1", "true"),
         )

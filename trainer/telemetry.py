@@ -239,8 +239,8 @@ class Telemetry:
         ``ugro_train_end_time_seconds``, which tells the alerts that it finished rather than
         crashed; and if Prometheus has been scraping it, waits until one more scrape has taken
         the final values and the end (at most two scrape intervals, and never longer than
-        ``UGRO_FINAL_SCRAPE_TIMEOUT``), so that a loop that exits at once loses nothing. Then
-        the endpoint stops.
+        ``UGRO_FINAL_SCRAPE_TIMEOUT``), so that a loop that exits at once loses nothing; with
+        ``UGRO_REGISTERED_TARGET=1`` also when no scrape has come yet. Then the endpoint stops.
         """
         self._close(failed=sys.exc_info()[0] is not None)
 
@@ -275,7 +275,7 @@ class Telemetry:
     def _wait_for_a_scrape(self) -> None:
         """Until a scrape after this moment has been served, within the bounds of close()."""
         with self._scraped:
-            if self._scrape_count == 0:
+            if self._scrape_count == 0 and not self.config.registered_target:
                 return  # nobody scrapes this rank: nobody to wait for
             timeout = self.config.final_scrape_timeout
             clocks = self._scrape_clocks

@@ -345,6 +345,7 @@ class TrainingJob:
             "UGRO_METRICS_PORT": str(self.base_port),
             "UGRO_METRICS_ADDR": "127.0.0.1",
             "UGRO_NODE": node,
+            "UGRO_REGISTERED_TARGET": "1",  # registered below, as ugro-launch does
             "OMP_NUM_THREADS": "1",
         }
         stack.targets.register_job(

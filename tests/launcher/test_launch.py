@@ -27,7 +27,9 @@ LAUNCH = [sys.executable, "-m", "ugro.launcher.cli"]
 class Launcher:
     """Runs ugro-launch as a user would, against an inventory of the cluster's nodes."""
 
-    def __init__(self, workdir: pathlib.Path, cluster, targets_dir: pathlib.Path) -> None:
+    def __init__(
+        self, workdir: pathlib.Path, cluster, targets_dir: pathlib.Path, scraped: bool = True
+    ) -> None:
         self.cluster = cluster
         self.state_dir = workdir / "state"
         self.targets_dir = targets_dir
@@ -42,7 +44,11 @@ class Launcher:
                         "user": "root",
                         "identity_file": str(cluster.client_key),
                         "min_free_disk_gb": 0,
-                        "env": {"OMP_NUM_THREADS": "1"},
+                        "env": {
+                            "OMP_NUM_THREADS": "1",
+                            # Without a Prometheus, no scrape comes for a rank to wait for.
+                            **({} if scraped else {"UGRO_FINAL_SCRAPE_TIMEOUT": "0"}),
+                        },
                     },
                     "prometheus": {"targets_dir": str(targets_dir)},
                     "nodes": [{"name": node.name, "host": node.address} for node in cluster.nodes],
@@ -111,7 +117,7 @@ def job_processes(cluster, job_id: str) -> list:
 @pytest.fixture
 def launcher(tmp_path, namespace_cluster):
     cluster = namespace_cluster(2)
-    launcher = Launcher(tmp_path, cluster, tmp_path / "targets")
+    launcher = Launcher(tmp_path, cluster, tmp_path / "targets", scraped=False)
     yield launcher
     launcher.kill_watchers()
 
@@ -376,7 +382,8 @@ def test_a_localhost_node_runs_without_ssh(tmp_path):
                     "min_free_disk_gb": 0,
                     "exporter_port": _free_port(),
                     "metrics_base_port": _free_port(),
-                    "env": {"OMP_NUM_THREADS": "1"},
+                    # No Prometheus here: no scrape comes for a rank to wait for.
+                    "env": {"OMP_NUM_THREADS": "1", "UGRO_FINAL_SCRAPE_TIMEOUT": "0"},
                 },
                 "prometheus": {"targets_dir": str(tmp_path / "targets")},
                 "nodes": [{"name": "here", "host": "localhost"}],

@@ -332,6 +332,30 @@ def test_close_does_not_wait_for_a_rank_nobody_scrapes(registry):
     assert time.monotonic() - started < 5  # the server's own shutdown only
 
 
+def test_a_registered_target_waits_for_its_first_scrape_too(registry, scrape_metrics):
+    """A job over before Prometheus's first scrape (it discovers targets every few seconds)."""
+    telemetry = Telemetry(
+        **IDENTITY, metrics_port=0, bind_address="127.0.0.1", registry=registry,
+        env={"UGRO_REGISTERED_TARGET": "1"},
+    )  # fmt: skip
+    url = telemetry.metrics_url
+    telemetry.step(loss=0.5)
+    closer = threading.Thread(target=telemetry.close)
+    closer.start()
+    time.sleep(1)
+    assert closer.is_alive(), "close() did not wait for the scrape it was registered for"
+    body = wait_for(
+        lambda: (text := scrape_metrics(url)) and "ugro_train_end_time_seconds" in text and text,
+        10,
+        "a scrape with the end marker",
+    )
+    closer.join(timeout=5)
+    assert not closer.is_alive()
+    assert "ugro_train_steps_total 1.0" in body
+    with pytest.raises(TelemetryConfigError, match="UGRO_REGISTERED_TARGET='yes'"):
+        Telemetry(**IDENTITY, serve=False, env={"UGRO_REGISTERED_TARGET": "yes"})
+
+
 def test_a_bad_final_scrape_timeout_is_named():
     with pytest.raises(TelemetryConfigError, match="UGRO_FINAL_SCRAPE_TIMEOUT='soon'"):
         Telemetry(**IDENTITY, serve=False, env={"UGRO_FINAL_SCRAPE_TIMEOUT": "soon"})
