@@ -344,16 +344,20 @@ def stop_command(args: argparse.Namespace, command: list[str]) -> int:
     if record.state in (records.RUNNING, records.LAUNCHING):
         record = replace_state(record, state=records.STOPPED, ended_at=time.time(), launcher=None)
     stop_watcher(record)
-    results = stop_job(plan, ssh_options(args, record))
-    failed = False
+    failed = print_stop_results(stop_job(plan, ssh_options(args, record)))
+    print(f"job {record.job_id}: targets removed" + (", some nodes not stopped" if failed else ""))
+    return 1 if failed else 0
+
+
+def print_stop_results(results: dict[str, dict | Exception]) -> bool:
+    """One line per node: what its agent answered, or why it was not stopped. True if any
+    node was not stopped."""
     for name, result in results.items():
         if isinstance(result, Exception):
-            failed = True
             print(f"  {name:<16} NOT stopped: {result}")
         else:
             print(f"  {name:<16} {result.get('state')}")
-    print(f"job {record.job_id}: targets removed" + (", some nodes not stopped" if failed else ""))
-    return 1 if failed else 0
+    return any(isinstance(result, Exception) for result in results.values())
 
 
 LAUNCHER_STOP_SECONDS = 120.0  # a rollback stops every node, with the agent's grace period
@@ -430,7 +434,6 @@ def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
     targets = targets_for(inventory, ssh_options(args))
     for node in nodes:  # first: Prometheus must not page about an exporter stopped on purpose
         targets.remove_node(node.name)
-    failed = False
     with NodeSet(inventory, nodes, ssh_options(args)) as shells:
         results = shells.each(
             lambda node: shells.agent(
@@ -441,13 +444,7 @@ def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
                 timeout=60,
             )
         )
-    for name, result in results.items():
-        if isinstance(result, Exception):
-            failed = True
-            print(f"  {name:<16} NOT stopped: {result}")
-        else:
-            print(f"  {name:<16} {result.get('state')}")
-    return 1 if failed else 0
+    return 1 if print_stop_results(results) else 0
 
 
 def list_jobs(args: argparse.Namespace, command: list[str]) -> int:

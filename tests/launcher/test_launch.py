@@ -470,9 +470,11 @@ def test_a_third_party_script_runs_from_its_own_directory_and_reports_every_step
         assert last("ugro_train_target_steps") == dict.fromkeys(ranks, 601.0)
         assert last("ugro_train_loss_count") == dict.fromkeys(ranks, 601.0)  # one mean per step
         assert sorted(last("ugro_train_end_time_seconds")) == ranks
-        # Longer than the test `for:` windows and Alertmanager's group wait.
+        # Longer than the test `for:` windows and Alertmanager's group wait. Only the job's
+        # alerts: the nodes' own (a CPU-saturation warning pending on a loaded machine) are
+        # true readings of the machine, not about how the job ended.
         time.sleep(12)
-        assert stack.query("ALERTS") == []
+        assert stack.query('ALERTS{job_id="third-party"}') == []
         assert stack.slack.texts() == []
         assert stack.mail.messages == []
     finally:
