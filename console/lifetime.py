@@ -54,6 +54,7 @@ README point here):
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import string
@@ -78,7 +79,9 @@ EFFICIENCY_HELP = f"""\
 {EFFICIENCY_FORMULA}, each factor in 0..1:
   progress  share of the report's points from the first step (plus one rate window) to
             the last at which some rank completed a step within the preceding rate window
-            (rate(ugro_train_steps_total) > 0): stalls lower it, start-up does not;
+            (rate(ugro_train_steps_total) > 0): stalls lower it, start-up does not; a run
+            shorter than one rate window is judged by the scrape intervals in which the
+            step counter rose;
   input     1 - the largest per-rank share of stepping time spent waiting for the next
             batch (ugro_train_data_wait_seconds_total): under synchronous DDP the slowest
             input pipeline sets every rank's pace;
@@ -429,7 +432,10 @@ def collect(
         stepping = _max_curve(curves_of("max by (rank) (rate(ugro_train_steps_total{$sel}[$rw]))"))
         # A window that began before the first step would count start-up as a stall.
         inside = [v for t, v in stepping if first_step + window <= t <= last_step]
-        progress = sum(1 for v in inside if v > 0) / len(inside) if inside else None
+        if inside:
+            progress = sum(1 for v in inside if v > 0) / len(inside)
+        else:  # a run shorter than one rate window: judge it scrape by scrape
+            progress = _progress_between_scrapes(q, first_step, last_step, range_end)
     waits = [r.data_wait_share for r in ranks if r.data_wait_share is not None]
     efficiency = _efficiency(progress, 1.0 - max(waits) if waits else None, gpu_util)
     ranks_down = q.vector('ALERTS{alertname="TrainingRanksDown",alertstate="firing",$sel}')
@@ -564,6 +570,23 @@ def _fill_losses(q: _Queries, ranks: list[RankFigures], curves: Curves, start: f
         else:  # the very last sample was NaN/Inf: the last finite point of the curve
             finite = [v for _, v in curves.loss.get(rank, []) if math.isfinite(v)]
             figure.loss_final = finite[-1] if finite else None
+
+
+def _progress_between_scrapes(
+    q: _Queries, first_step: float, last_step: float, at: float
+) -> float | None:
+    """The share of scrape intervals from the first step to the last in which the step
+    counter rose, for the rank that progressed most (under DDP every rank steps together)."""
+    span = {"r": f"{math.ceil((at - first_step) * 1000) + 1000}ms"}
+    steps = _raw_samples(q.vector("ugro_train_steps_total{$sel}[$r]", at, **span))
+    shares = []
+    for samples in steps.values():
+        pairs = [
+            (a, b) for a, b in itertools.pairwise(samples) if b[0] > first_step and a[0] < last_step
+        ]
+        if pairs:
+            shares.append(sum(1 for a, b in pairs if b[1] > a[1]) / len(pairs))
+    return max(shares) if shares else None
 
 
 def _raw_samples(matrix: list[dict]) -> dict[int, list[tuple[float, float]]]:

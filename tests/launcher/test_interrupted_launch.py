@@ -7,6 +7,7 @@ the launcher has not heard back, so every interruption lands exactly half-way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shlex
@@ -130,7 +131,8 @@ class HeldLaunch:
         for process in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if "ugro.exporter" in cmdline and str(self.exporter_port) in cmdline:
-                process.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
 
 
 @pytest.fixture

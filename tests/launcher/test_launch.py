@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -90,12 +91,15 @@ class Launcher:
         return json.loads((self.state_dir / f"{job_id}.json").read_text())
 
     def kill_watchers(self) -> None:
-        for process in psutil.process_iter(["cmdline"]):
+        # process_iter fills an attribute it cannot read (a zombie's environment) with None.
+        for process in psutil.process_iter(["cmdline", "environ"]):
             cmdline = process.info["cmdline"] or []
+            environment = process.info["environ"] or {}
             if "ugro.launcher.watch" in cmdline and any(
-                str(self.state_dir) in part for part in process.environ().values()
+                str(self.state_dir) in part for part in environment.values()
             ):
-                process.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
 
 
 def job_processes(cluster, job_id: str) -> list:
@@ -406,7 +410,8 @@ def test_a_localhost_node_runs_without_ssh(tmp_path):
         for process in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if "ugro.exporter" in cmdline and "--node here" in cmdline.replace("=", " "):
-                process.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
 
 
 def _free_port() -> int:
