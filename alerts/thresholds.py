@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from ugro.common.config_files import ConfigFileError, load_yaml, shown
 
 THRESHOLDS_FILE = pathlib.Path(__file__).resolve().parent / "thresholds.yml"
 _DURATION = re.compile(r"^(0|[1-9][0-9]*)(ms|s|m|h|d)$")
@@ -44,9 +44,9 @@ class Thresholds:
 def load_thresholds(path: pathlib.Path = THRESHOLDS_FILE) -> Thresholds:
     """Read and validate the file; every error names the file, the field and what was expected."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ThresholdsError(f"{path}: cannot read thresholds: {error}") from error
+        data = load_yaml(path, "the thresholds file")
+    except ConfigFileError as error:
+        raise ThresholdsError(str(error)) from error
     if not isinstance(data, dict):
         raise ThresholdsError(f"{path}: expected a mapping with {', '.join(SECTIONS)}")
     url = data.get("runbook_base_url")
@@ -72,13 +72,14 @@ def check_value(where: str, key: str, value: Any) -> None:
     if key.endswith(("_for", "_window")):
         if (
             not isinstance(value, str)
-            or not _DURATION.match(value)
+            or not _DURATION.fullmatch(value)
             or (key.endswith("_window") and value == "0")
         ):
             raise ThresholdsError(
-                f"{where}: {key}: expected a Prometheus duration such as 30s or 5m, got {value!r}"
+                f"{where}: {key}: expected a Prometheus duration such as 30s or 5m, "
+                f"got {shown(value)}"
             )
     elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ThresholdsError(f"{where}: {key}: expected a number >= 0, got {value!r}")
+        raise ThresholdsError(f"{where}: {key}: expected a number >= 0, got {shown(value)}")
     elif key.endswith("_ratio") and value > 1:
-        raise ThresholdsError(f"{where}: {key}: expected a ratio in 0..1, got {value!r}")
+        raise ThresholdsError(f"{where}: {key}: expected a ratio in 0..1, got {shown(value)}")

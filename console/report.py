@@ -116,7 +116,7 @@ def _gather(
     command: str, args: argparse.Namespace, job_ids: Sequence[str]
 ) -> list[JobReport] | int:
     """The reports of ``job_ids``, or the exit code after printing why not."""
-    bad = [job for job in job_ids if not JOB_ID.match(job)]
+    bad = [job for job in job_ids if not JOB_ID.fullmatch(job)]
     if bad:
         return _fail(command, f"job id {bad[0]!r}: expected {JOB_ID_EXPECTED}", EXIT_USAGE)
     prometheus = Prometheus(args.prometheus, timeout=QUERY_TIMEOUT_SECONDS)

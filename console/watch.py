@@ -734,7 +734,7 @@ def with_record(frame: JobSnapshot, end: str | None) -> JobSnapshot:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not JOB_ID.match(args.job):
+    if not JOB_ID.fullmatch(args.job):
         print(f"ugro watch: job id {args.job!r}: expected {JOB_ID_EXPECTED}", file=sys.stderr)
         return 2
     prometheus = Prometheus(args.prometheus, timeout=QUERY_TIMEOUT_SECONDS)

@@ -229,7 +229,7 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
             f"{inventory.defaults.metrics_base_port} + {args.nproc_per_node} ranks passes 65535"
         )
     job_id = args.job_id if args.job_id is not None else default_job_id(command)
-    if not records.JOB_ID.match(job_id):
+    if not records.JOB_ID.fullmatch(job_id):
         raise UsageError(f"--job-id {job_id!r}: expected {records.JOB_ID_EXPECTED}")
     if args.nodes:
         names = [name.strip() for name in args.nodes.split(",") if name.strip()]
@@ -239,7 +239,7 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
     else:
         nodes = inventory.nodes
     chdir = args.chdir if args.chdir is not None else inventory.defaults.chdir
-    if chdir is not None and not re.match(r"^(/|~/)[^\0\n]*$", chdir):
+    if chdir is not None and not re.fullmatch(r"(/|~/)[^\0\n]*", chdir):
         raise UsageError(
             f"--chdir {chdir!r}: expected an absolute path (or ~/...), the same on every node"
         )

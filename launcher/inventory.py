@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from ugro.common.config_files import ConfigFileError, load_yaml, shown
 
 DEFAULT_EXPORTER_PORT = 9490
 DEFAULT_METRICS_BASE_PORT = 9500
@@ -100,7 +100,7 @@ class _Fields:
 
     def _error(self, name: str, expected: str, value: Any) -> InventoryError:
         return InventoryError(
-            f"{self.path}: {self.where}.{name}: expected {expected}, got {value!r}"
+            f"{self.path}: {self.where}.{name}: expected {expected}, got {shown(value)}"
         )
 
     def text(self, name: str, pattern: re.Pattern[str], expected: str, default: Any = ...) -> Any:
@@ -109,7 +109,7 @@ class _Fields:
                 raise InventoryError(f"{self.path}: {self.where}.{name}: missing ({expected})")
             return default
         value = self.data[name]
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             raise self._error(name, expected, value)
         return value
 
@@ -135,11 +135,9 @@ _URL = re.compile(r"^https?://[^\s'\"`$\\]+$")
 def load_inventory(path: str | pathlib.Path) -> Inventory:
     path = pathlib.Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise InventoryError(f"{path}: cannot read the inventory: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise InventoryError(f"{path}: not valid YAML: {error}") from error
+        data = load_yaml(path, "the inventory")
+    except ConfigFileError as error:
+        raise InventoryError(str(error)) from error
 
     top = _Fields(path, "inventory", data, {"defaults", "prometheus", "nodes"})
     defaults = _load_defaults(path, top.data.get("defaults", {}))
@@ -170,7 +168,7 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
     if not isinstance(env, Mapping):
         raise InventoryError(f"{path}: defaults.env: expected a mapping of NAME: value")
     for name, value in env.items():
-        if not isinstance(name, str) or not ENV_NAME.match(name):
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
             raise InventoryError(f"{path}: defaults.env: {name!r} is not an environment name")
         if not isinstance(value, str | int | float) or "\n" in str(value):
             raise InventoryError(f"{path}: defaults.env.{name}: expected a one-line value")

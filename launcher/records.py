@@ -119,7 +119,7 @@ class RecordExists(FileExistsError):
 
 
 def load_record(job_id: str) -> JobRecord:
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise RecordError(f"job id {job_id!r}: expected {JOB_ID_EXPECTED}")
     path = record_path(job_id)
     try:

@@ -133,7 +133,7 @@ class TelemetryConfig:
             )
 
         resolved_job_id = job_id if job_id is not None else env.get("UGRO_JOB_ID", DEFAULT_JOB_ID)
-        if not _JOB_ID_PATTERN.match(resolved_job_id):
+        if not _JOB_ID_PATTERN.fullmatch(resolved_job_id):
             raise TelemetryConfigError(
                 f"UGRO_JOB_ID={resolved_job_id!r}: expected 1-128 characters of letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit"
@@ -181,7 +181,7 @@ class TelemetryConfig:
                 )
             resolved_gpu_uuid = entries[resolved_local_rank]
             source = f"UGRO_GPU_UUIDS entry {resolved_local_rank}"
-        if resolved_gpu_uuid is not None and not _GPU_UUID_PATTERN.match(resolved_gpu_uuid):
+        if resolved_gpu_uuid is not None and not _GPU_UUID_PATTERN.fullmatch(resolved_gpu_uuid):
             raise TelemetryConfigError(
                 f"{source}={resolved_gpu_uuid!r}: expected an NVML UUID such as "
                 "'GPU-5f2a…' (as `nvidia-smi -L` prints it)"

@@ -1,0 +1,1 @@
+"""What every ugro package shares: reading configuration files that users edit."""
