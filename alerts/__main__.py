@@ -1,4 +1,11 @@
-"""``python -m ugro.alerts build|check``: write alerts/rules.yml, or check it is up to date."""
+"""``python -m ugro.alerts build|check``: write alerts/rules.yml, or check it is up to date.
+
+``check`` also checks the secret files alertmanager.yml names (alerts/secrets/README.md): a
+missing or empty one passes ``amtool check-config`` and lets Alertmanager start, and would
+fail only the first notification. A development checkout has none, so they are warnings
+(exit code unchanged) unless ``--require-secrets`` is given, as on a head node before
+``docker compose up``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ import sys
 
 import yaml
 
+from ugro.common.config_files import ConfigFileError
+
+from . import secret_files
 from .definitions import alert_rules
 from .thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
 
@@ -26,11 +36,35 @@ def render(thresholds_file: pathlib.Path = THRESHOLDS_FILE, **overrides: object)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ugro.alerts", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m ugro.alerts",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("build", "check"))
+    parser.add_argument(
+        "--thresholds",
+        type=pathlib.Path,
+        default=THRESHOLDS_FILE,
+        metavar="FILE",
+        help="the thresholds file (default: alerts/thresholds.yml)",
+    )
+    parser.add_argument(
+        "--alertmanager-config",
+        type=pathlib.Path,
+        default=secret_files.ALERTMANAGER_CONFIG,
+        metavar="FILE",
+        help="check: the Alertmanager config whose secret files to check "
+        "(default: alerts/alertmanager.yml)",
+    )
+    parser.add_argument(
+        "--require-secrets",
+        action="store_true",
+        help="check: a missing, empty or malformed secret file is an error (exit 1)",
+    )
     args = parser.parse_args(argv)
     try:
-        text = render()
+        text = render(args.thresholds)
     except ThresholdsError as error:
         print(f"ugro.alerts: {error}", file=sys.stderr)
         return 2
@@ -38,14 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         RULES_FILE.write_text(text)
         print(f"wrote {RULES_FILE.name}")
         return 0
+    status = 0
     if not RULES_FILE.exists() or RULES_FILE.read_text() != text:
         print(
-            f"ugro.alerts: {RULES_FILE.name} is out of date with thresholds.yml/definitions.py: "
-            "run `python -m ugro.alerts build`",
+            f"ugro.alerts: {RULES_FILE.name} is out of date with {args.thresholds.name}/"
+            "definitions.py: run `python -m ugro.alerts build`",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        status = 1
+    try:
+        problems = secret_files.problems(args.alertmanager_config)
+    except ConfigFileError as error:
+        print(f"ugro.alerts: {error}", file=sys.stderr)
+        return 2
+    level = "error" if args.require_secrets else "warning"
+    for problem in problems:
+        print(f"ugro.alerts: {level}: {problem}", file=sys.stderr)
+    if problems and args.require_secrets:
+        status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ from typing import Any
 
 from ugro.launcher import records
 
-from .servers import Prometheus
+from .servers import Prometheus, QueryError
 
 DEFAULT_LOOKBACK = "7d"
 # Points per curve: enough for a readable plot and a fair "best loss", few enough to stay cheap
@@ -288,6 +288,10 @@ class _Queries:
     def vector(self, template: str, at: float | None = None, **extra: str) -> list[dict]:
         return self.prometheus.query(self.expr(template, **extra), self.now if at is None else at)
 
+    def matrix(self, template: str, at: float, **extra: str) -> list[dict]:
+        """A range selector's raw samples at ``at``: series with ``values``."""
+        return self.prometheus.query(self.expr(template, **extra), at, matrix=True)
+
     def by_rank(self, template: str) -> dict[int, float]:
         """A query already aggregated ``by (rank)``: rank → value (non-finite values dropped)."""
         out = {}
@@ -316,7 +320,11 @@ class _Queries:
 
 def server_time(prometheus: Prometheus) -> float:
     """Prometheus's own clock: ``now`` for the queries, immune to this machine's clock skew."""
-    return float(prometheus.query("time()")[0]["value"][1])
+    samples = prometheus.query("time()")
+    now = float(samples[0]["value"][1]) if samples else math.nan
+    if not math.isfinite(now):  # time() always has a value: whatever answered is not Prometheus
+        raise QueryError(f"Prometheus at {prometheus.url} answered time() without a time")
+    return now
 
 
 def _job_record(job_id: str) -> records.JobRecord | None:
@@ -421,7 +429,8 @@ def collect(
     loss_mean = sum(loss_sums.values()) / count_all if count_all > 0 else None
 
     info = q.vector("last_over_time(ugro_train_rank_info{$sel}[$w])")
-    world_sizes = [int(s["metric"]["world_size"]) for s in info if "world_size" in s["metric"]]
+    sizes = [s["metric"].get("world_size", "") for s in info]
+    world_sizes = [int(size) for size in sizes if size.isascii() and size.isdigit()]
     gpus = sorted({s["metric"].get("gpu_uuid", "") for s in info} - {""})
     nodes = sorted({r.node for r in ranks if r.node})
 
@@ -552,8 +561,8 @@ def _fill_losses(q: _Queries, ranks: list[RankFigures], curves: Curves, start: f
         # fetch the raw samples from the start up to there, a few per rank.
         at = max(firsts.values())
         window = {"r": f"{math.ceil((at - start) * 1000) + 1000}ms"}
-        losses = _raw_samples(q.vector("ugro_train_loss_last{$sel}[$r]", at, **window))
-        steps = _raw_samples(q.vector("ugro_train_steps_total{$sel}[$r]", at, **window))
+        losses = _raw_samples(q.matrix("ugro_train_loss_last{$sel}[$r]", at, **window))
+        steps = _raw_samples(q.matrix("ugro_train_steps_total{$sel}[$r]", at, **window))
         for rank, samples in losses.items():
             first = next(((t, v) for t, v in samples if math.isfinite(v)), None)
             if first is None or rank not in by_rank:
@@ -578,7 +587,7 @@ def _progress_between_scrapes(
     """The share of scrape intervals from the first step to the last in which the step
     counter rose, for the rank that progressed most (under DDP every rank steps together)."""
     span = {"r": f"{math.ceil((at - first_step) * 1000) + 1000}ms"}
-    steps = _raw_samples(q.vector("ugro_train_steps_total{$sel}[$r]", at, **span))
+    steps = _raw_samples(q.matrix("ugro_train_steps_total{$sel}[$r]", at, **span))
     shares = []
     for samples in steps.values():
         pairs = [

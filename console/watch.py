@@ -405,8 +405,9 @@ def gather(
         if rank is not None:
             facts.setdefault(rank, {})
             answered.add(rank)
-        if sample["metric"].get("world_size", "").isdigit():
-            world_sizes.add(int(sample["metric"]["world_size"]))
+        size = sample["metric"].get("world_size", "")
+        if size.isascii() and size.isdigit():  # isdigit alone passes "²", which int() refuses
+            world_sizes.add(int(size))
     for sample in results["up"]:
         rank = _rank_of(sample)
         if rank is not None:

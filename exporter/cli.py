@@ -63,7 +63,8 @@ def parse_listen(value: str) -> ListenAddress:
             raise UsageError(f"--listen {value!r}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
         raise UsageError(f"--listen {value!r}: write IPv6 addresses in brackets, e.g. [::1]:9490")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    # isdigit() alone accepts "²" (which int() refuses) and "٣٠٠٠١" (which int() reads as 30001).
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"--listen {value!r}: expected a port number 0..65535 after the colon")
     return ListenAddress(host or "0.0.0.0", int(port_text))
 

@@ -53,6 +53,7 @@ from .jobfiles import (
     PID,
     STARTED_AT,
     SUPERVISOR_PID,
+    UnsafePath,
     job_dir,
     read_float,
     read_int,
@@ -325,9 +326,11 @@ def preflight(
 
     free_bytes: int | None = None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        jobfiles.private_dirs(directory)
         with tempfile.TemporaryFile(dir=directory, prefix=".ugro-preflight-"):
             pass
+    except UnsafePath as error:
+        problems.append(str(error.strerror))
     except OSError as error:
         problems.append(f"{directory} is not writable: {error.strerror or error}")
     with contextlib.suppress(OSError):
@@ -414,7 +417,7 @@ def ensure_exporter(
     directory = jobfiles.exporter_dir(workdir)
     log = directory / f"{node}.log"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        jobfiles.private_dirs(workdir, directory.name)
         lock = _exclusive_lock(directory / f".{node}.lock", EXPORTER_LOCK_TIMEOUT_SECONDS)
     except (OSError, TimeoutError) as error:
         reason = _describe_os_error(error) if isinstance(error, OSError) else str(error)
@@ -447,7 +450,11 @@ def _start_exporter(
         "--node",
         node,
     ]
-    with open(log, "ab") as output:
+    try:
+        output = os.fdopen(jobfiles.open_append(log), "ab")
+    except OSError as error:
+        return {"state": "failed", "reason": f"cannot write {log}: {_describe_os_error(error)}"}
+    with output:
         output.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {shlex.join(argv)}\n".encode())
         output.flush()
         exporter = subprocess.Popen(
@@ -544,7 +551,7 @@ def _exclusive_lock(path: pathlib.Path, timeout: float) -> IO[str]:
 
     The descriptor is not inheritable, so an exporter started meanwhile does not hold it.
     """
-    file = open(path, "a")  # noqa: SIM115 - the caller closes it
+    file = os.fdopen(jobfiles.open_append(path), "a")  # the caller closes it
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -584,13 +591,16 @@ def start_job(
     job_id = job_id or directory.parent.name
     node = node or directory.name
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        directory.mkdir()
+        # directory is WORKDIR/jobs/JOB/NODE
+        jobfiles.private_dirs(directory.parents[2], "jobs", directory.parent.name)
+        directory.mkdir(0o700)
     except FileExistsError:
         return {
             "state": "failed",
             "reason": f"job {job_id} already exists on node {node} ({directory})",
         }
+    except UnsafePath as error:
+        return {"state": "failed", "reason": f"cannot create {directory}: {error.strerror}"}
     except OSError as error:
         return {"state": "failed", "reason": f"cannot create {directory}: {error.strerror}"}
 
@@ -605,7 +615,7 @@ def start_job(
     }
     write_atomic(directory / COMMAND, json.dumps(command, indent=2) + "\n")
     log = directory / OUTPUT
-    with open(log, "ab") as output:
+    with os.fdopen(jobfiles.open_append(log), "ab") as output:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "ugro.launcher.agent", "supervise", "--dir", str(directory)],
             stdin=subprocess.DEVNULL,
@@ -676,7 +686,7 @@ def supervise(directory: pathlib.Path) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
 
-    with open(directory / OUTPUT, "ab", buffering=0) as output:
+    with os.fdopen(jobfiles.open_append(directory / OUTPUT), "ab", buffering=0) as output:
         try:
             child = subprocess.Popen(
                 argv,

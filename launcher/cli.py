@@ -10,19 +10,19 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 
 import psutil
 
 from . import records
-from .inventory import Inventory, InventoryError, load_inventory
+from .inventory import THIS_MACHINE, Inventory, InventoryError, Node, load_inventory, same_machine
 from .launch import (
     JobPlan,
     LaunchError,
     launch,
     node_statuses,
     plan_from_record,
-    replace_state,
-    stop_job,
+    stop_recorded_job,
     targets_for,
 )
 from .nodes import NodeSet
@@ -54,9 +54,9 @@ the training command comes after --, as torchrun takes it:
 
 inventory (YAML; launcher/inventory.example.yml is a complete example):
   defaults:
-    python: /opt/venv/bin/python   # the Python with ugro and torch, on every node
+    python: /opt/venv/bin/python   # the Python with ugro and torch, on every node (absolute)
     chdir: /home/train/nanogpt     # where torchrun runs (--chdir; default: the login directory)
-    workdir: /var/tmp/ugro         # logs, pids and exit codes: WORKDIR/jobs/JOB/NODE/
+    workdir: ~/.local/state/ugro/node   # logs, pids, exit codes (per user): WORKDIR/jobs/JOB/NODE/
     exporter_port: 9490            # ugro-exporter on every node
     metrics_base_port: 9500        # rank metrics: base + local rank
     min_free_disk_gb: 1            # preflight wants this much free in workdir
@@ -71,7 +71,7 @@ inventory (YAML; launcher/inventory.example.yml is a complete example):
     grafana_url: http://head-node:3000
   nodes:
     - {name: gpu-a, host: 10.0.0.11, gpus: 8}  # host localhost: run here, without SSH
-    - {name: gpu-b, host: 10.0.0.12, gpus: 8}
+    - {name: gpu-b, host: 10.0.0.12, gpus: 8}  # one node per machine in a job
 
 SSH host keys are checked against ~/.ssh/known_hosts (--known-hosts); an unknown key is
 refused with its fingerprint unless --accept-new-host-keys is given. Jobs are recorded in
@@ -231,13 +231,17 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
     job_id = args.job_id if args.job_id is not None else default_job_id(command)
     if not records.JOB_ID.fullmatch(job_id):
         raise UsageError(f"--job-id {job_id!r}: expected {records.JOB_ID_EXPECTED}")
-    if args.nodes:
-        names = [name.strip() for name in args.nodes.split(",") if name.strip()]
-        nodes = tuple(inventory.node(name) for name in names)
-        if len(set(names)) != len(names):
-            raise UsageError(f"--nodes {args.nodes!r}: a node is named twice")
-    else:
-        nodes = inventory.nodes
+    nodes = selected_nodes(inventory, args.nodes)
+    clash = same_machine(nodes)
+    if clash is not None:
+        first, second, shared = clash
+        where = "both this machine" if shared == THIS_MACHINE else f"the same machine ({shared})"
+        raise UsageError(
+            f"nodes {first.name} ({first.host}) and {second.name} ({second.host}) are {where}: "
+            f"their ranks would serve metrics on the same ports {plan_ports(inventory, args)} "
+            "and Prometheus would scrape one for both; give each machine once (more ranks on "
+            "it: --nproc-per-node)"
+        )
     chdir = args.chdir if args.chdir is not None else inventory.defaults.chdir
     if chdir is not None and not re.fullmatch(r"(/|~/)[^\0\n]*", chdir):
         raise UsageError(
@@ -246,6 +250,28 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
     return JobPlan(
         job_id, inventory, nodes, args.nproc_per_node, tuple(command), args.rdzv_port, chdir
     )
+
+
+def selected_nodes(inventory: Inventory, names: str | None) -> tuple[Node, ...]:
+    """The nodes ``--nodes`` names, in its order; every node when it is not given."""
+    if names is None:
+        return inventory.nodes
+    listed = [name.strip() for name in names.split(",")]
+    if not all(listed):
+        example = ",".join(node.name for node in inventory.nodes[:2])
+        raise UsageError(
+            f"--nodes {names!r}: expected node names separated by commas, none empty, e.g. "
+            f"--nodes {example}; leave --nodes out for every node"
+        )
+    twice = sorted(name for name, count in Counter(listed).items() if count > 1)
+    if twice:
+        raise UsageError(f"--nodes {names!r}: {', '.join(twice)} named twice")
+    return tuple(inventory.node(name) for name in listed)
+
+
+def plan_ports(inventory: Inventory, args: argparse.Namespace) -> str:
+    base = inventory.defaults.metrics_base_port
+    return f"{base}..{base + args.nproc_per_node - 1}" if args.nproc_per_node > 1 else str(base)
 
 
 def default_job_id(command: list[str]) -> str:
@@ -293,7 +319,7 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
     if args.job_id is None:
         return list_jobs(args, command)
     record = records.load_record(args.job_id)
-    plan = plan_from_record(record, load_inventory(record.inventory))
+    plan = plan_from_record(record)
     with NodeSet(plan.inventory, plan.nodes, ssh_options(args, record)) as nodes:
         answers = node_statuses(plan, nodes)
     unreachable = [name for name, answer in answers.items() if isinstance(answer, Exception)]
@@ -340,13 +366,18 @@ def stop_command(args: argparse.Namespace, command: list[str]) -> int:
         except records.RecordError:
             print(f"job {args.job_id}: its launch was rolled back; nothing is left")
             return 0
-    plan = plan_from_record(record, load_inventory(record.inventory))
-    if record.state in (records.RUNNING, records.LAUNCHING):
-        record = replace_state(record, state=records.STOPPED, ended_at=time.time(), launcher=None)
-    stop_watcher(record)
-    failed = print_stop_results(stop_job(plan, ssh_options(args, record)))
-    print(f"job {record.job_id}: targets removed" + (", some nodes not stopped" if failed else ""))
-    return 1 if failed else 0
+    record, results = stop_recorded_job(record, ssh_options(args, record))
+    if print_stop_results(results):
+        not_stopped = [name for name, result in results.items() if isinstance(result, Exception)]
+        print(
+            f"ugro-launch: job {record.job_id} was NOT stopped on {', '.join(not_stopped)}: "
+            f"it stays {record.shown_state}, with its watcher and Prometheus targets; "
+            f"`ugro-launch stop {record.job_id}` again once the node can be reached",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"job {record.job_id}: targets removed")
+    return 0
 
 
 def print_stop_results(results: dict[str, dict | Exception]) -> bool:
@@ -378,21 +409,9 @@ def interrupt_launcher(ref: list[float]) -> bool:
     return True
 
 
-def stop_watcher(record: records.JobRecord) -> None:
-    """End the job's watcher, if it still runs (it would notice the stop within seconds)."""
-    if record.watcher_pid is None:
-        return
-    try:
-        process = psutil.Process(record.watcher_pid)
-        if "ugro.launcher.watch" in process.cmdline() and record.job_id in process.cmdline():
-            process.terminate()
-    except psutil.Error:
-        pass
-
-
 def show_logs(args: argparse.Namespace, command: list[str]) -> int:
     record = records.load_record(args.job_id)
-    plan = plan_from_record(record, load_inventory(record.inventory))
+    plan = plan_from_record(record)
     node = plan.inventory.node(args.node) if args.node else plan.nodes[0]
     if node.name not in record.nodes:
         raise UsageError(
@@ -414,10 +433,7 @@ def show_logs(args: argparse.Namespace, command: list[str]) -> int:
 
 def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
     inventory = load_inventory(args.inventory)
-    if args.nodes:
-        nodes = [inventory.node(name.strip()) for name in args.nodes.split(",") if name.strip()]
-    else:
-        nodes = list(inventory.nodes)
+    nodes = list(selected_nodes(inventory, args.nodes))
     busy = {
         name: job.job_id
         for job in records.all_records()
@@ -448,15 +464,17 @@ def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def list_jobs(args: argparse.Namespace, command: list[str]) -> int:
-    jobs = records.all_records()
+    jobs, unreadable = records.scan_records()
+    for error in unreadable:
+        print(f"ugro-launch: {error}", file=sys.stderr)
     if not jobs:
         print(f"no jobs recorded in {records.state_dir()}")
-        return 0
+        return 1 if unreadable else 0
     print(f"{'job':<40} {'state':<11} {'started':<19} nodes × ranks per node")
     for job in jobs:
         print(f"{job.job_id:<40} {job.shown_state:<11} {_when(job.started_at):<19} "
               f"{','.join(job.nodes)} × {job.nproc_per_node}")  # fmt: skip
-    return 0
+    return 1 if unreadable else 0
 
 
 def _when(timestamp: float) -> str:

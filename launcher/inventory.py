@@ -7,20 +7,31 @@ checked against strict patterns here and quoted again where they are used.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import pathlib
 import re
-from collections.abc import Mapping
+import socket
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ugro.common.config_files import ConfigFileError, load_yaml, shown
+import psutil
+
+from ugro.common.config_files import ConfigFileError, load_yaml
+from ugro.common.messages import shown
 
 DEFAULT_EXPORTER_PORT = 9490
 DEFAULT_METRICS_BASE_PORT = 9500
 DEFAULT_SSH_PORT = 22
+# Per user: a shared one (/tmp/ugro) would let one user plant files that another user's
+# agent then writes to. Expanded on each node, for the user the launcher logs in as.
+DEFAULT_WORKDIR = "~/.local/state/ugro/node"
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")  # DNS name, IPv4 or IPv6
+# DNS name, IPv4 or IPv6 (``::1`` too); never a leading "-", which ssh would take for an option
+HOST = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.:-]{0,252}|::[A-Fa-f0-9.:]{0,250})$")
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -76,12 +87,23 @@ class Inventory:
     defaults: Defaults
     prometheus: PrometheusTargets
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Node]:
+        # A dict, so that picking every node of a large inventory by name stays linear.
+        return {node.name: node for node in self.nodes}
+
     def node(self, name: str) -> Node:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        known = ", ".join(n.name for n in self.nodes)
-        raise InventoryError(f"{self.path}: no node named {name!r} (known: {known})")
+        try:
+            return self._by_name[name]
+        except KeyError:
+            pass
+        known = ", ".join(n.name for n in self.nodes[:KNOWN_SHOWN])
+        if len(self.nodes) > KNOWN_SHOWN:
+            known += f", … {len(self.nodes) - KNOWN_SHOWN} more"
+        raise InventoryError(f"{self.path}: no node named {name!r} (known: {known})") from None
+
+
+KNOWN_SHOWN = 20  # node names an "unknown node" error lists
 
 
 class _Fields:
@@ -138,7 +160,11 @@ def load_inventory(path: str | pathlib.Path) -> Inventory:
         data = load_yaml(path, "the inventory")
     except ConfigFileError as error:
         raise InventoryError(str(error)) from error
+    return inventory_from_data(path, data)
 
+
+def inventory_from_data(path: pathlib.Path, data: Any) -> Inventory:
+    """The inventory that the parsed YAML ``data`` of ``path`` describes."""
     top = _Fields(path, "inventory", data, {"defaults", "prometheus", "nodes"})
     defaults = _load_defaults(path, top.data.get("defaults", {}))
     prometheus = _load_prometheus(path, top.data.get("prometheus"), top.data.get("defaults", {}))
@@ -147,8 +173,7 @@ def load_inventory(path: str | pathlib.Path) -> Inventory:
         raise InventoryError(f"{path}: nodes: expected a non-empty list of nodes")
     nodes = tuple(_load_node(path, i, raw, top.data.get("defaults", {})) for i, raw in
                   enumerate(raw_nodes))  # fmt: skip
-    names = [n.name for n in nodes]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(n.name for n in nodes).items() if count > 1)
     if duplicates:
         raise InventoryError(f"{path}: nodes: duplicate name(s) {', '.join(duplicates)}")
     return Inventory(path, nodes, defaults, prometheus)
@@ -174,14 +199,26 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
             raise InventoryError(f"{path}: defaults.env.{name}: expected a one-line value")
     min_free_gb = fields.integer("min_free_disk_gb", 0, 1_000_000, 1)
     return Defaults(
-        python=fields.path_text("python", "/usr/bin/python3"),
-        workdir=fields.path_text("workdir", "/tmp/ugro"),
+        python=_python_path(fields),
+        workdir=fields.path_text("workdir", DEFAULT_WORKDIR),
         exporter_port=fields.integer("exporter_port", 1, 65535, DEFAULT_EXPORTER_PORT),
         metrics_base_port=fields.integer("metrics_base_port", 1, 65535, DEFAULT_METRICS_BASE_PORT),
         min_free_disk_bytes=min_free_gb * 1024**3,
         env={str(k): str(v) for k, v in env.items()},
         chdir=fields.path_text("chdir", None),
     )
+
+
+def _python_path(fields: _Fields) -> str:
+    python = fields.path_text("python", "/usr/bin/python3")
+    if python.startswith("~"):
+        # It is the program of every command on the nodes, run without a shell (locally) or
+        # quoted (over SSH): nothing would expand ~, and the local home is not the nodes'.
+        raise InventoryError(
+            f"{fields.path}: defaults.python: expected an absolute path, got {shown(python)}: "
+            "~ is not expanded there; write the full path, e.g. /home/USER/venv/bin/python"
+        )
+    return python
 
 
 def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str, Any]) -> Node:
@@ -214,9 +251,17 @@ def _load_prometheus(
                                                 "identity_file", "grafana_url"})  # fmt: skip
     # Reached like the nodes unless it says otherwise.
     inherited = _Fields(path, "defaults", defaults, set(defaults))
+    targets_dir = fields.path_text("targets_dir")
+    host = fields.text("host", HOST, "a host name or IP address", None)
+    if targets_dir.startswith("~") and host is not None and host not in LOCAL_HOSTS:
+        # Written there over SFTP and a quoted mkdir: ~ would become a directory named "~".
+        raise InventoryError(
+            f"{path}: prometheus.targets_dir: expected an absolute path on {host}, got "
+            f"{shown(targets_dir)}: ~ is not expanded there; write the full path"
+        )
     return PrometheusTargets(
-        targets_dir=fields.path_text("targets_dir"),
-        host=fields.text("host", HOST, "a host name or IP address", None),
+        targets_dir=targets_dir,
+        host=host,
         ssh_port=fields.integer(
             "ssh_port", 1, 65535, inherited.integer("ssh_port", 1, 65535, DEFAULT_SSH_PORT)
         ),
@@ -224,3 +269,75 @@ def _load_prometheus(
         identity_file=fields.path_text("identity_file", inherited.path_text("identity_file", None)),
         grafana_url=fields.text("grafana_url", _URL, "an http(s) URL", None),
     )
+
+
+# -- one machine, one node --------------------------------------------------------------------
+
+THIS_MACHINE = "this machine"
+
+
+def same_machine(nodes: Iterable[Node]) -> tuple[Node, Node, str] | None:
+    """The first two of ``nodes`` that are one machine, and the address they share (or
+    THIS_MACHINE), else None.
+
+    Every rank of a job serves metrics on the same ports of its node and Prometheus scrapes
+    them at the node's host, so two nodes on one machine (``localhost`` and ``127.0.0.1``, or
+    one host name twice) would fight over those ports and be scraped as one. A node is known
+    by its host as written and every address it resolves to; loopback and this machine's own
+    addresses all count as this machine. A host that does not resolve is left to SSH to report.
+    """
+    own = _own_addresses()
+    seen: dict[str, Node] = {}
+    for node in nodes:
+        keys = _machine_keys(node, own)
+        for key in sorted(keys, key=_shown_first):
+            other = seen.get(key)
+            if other is not None and other is not node:
+                return other, node, key
+        for key in keys:
+            seen.setdefault(key, node)
+    return None
+
+
+def _machine_keys(node: Node, own: frozenset[str]) -> set[str]:
+    keys = {node.host.lower()}
+    if node.is_local:
+        keys.add(THIS_MACHINE)
+    try:
+        found = socket.getaddrinfo(node.host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        found = []
+    for *_, sockaddr in found:
+        address = _normal_address(str(sockaddr[0]))
+        if address is None:
+            continue
+        is_loopback = ipaddress.ip_address(address).is_loopback
+        keys.add(THIS_MACHINE if is_loopback or address in own else address)
+    return keys
+
+
+def _own_addresses() -> frozenset[str]:
+    """Every address of this machine's network interfaces."""
+    found = set()
+    for addresses in psutil.net_if_addrs().values():
+        for each in addresses:
+            if each.family in (socket.AF_INET, socket.AF_INET6):
+                address = _normal_address(each.address)
+                if address is not None:
+                    found.add(address)
+    return frozenset(found)
+
+
+def _normal_address(text: str) -> str | None:
+    """``fe80::1%eth0`` → ``fe80::1``; one spelling per address; None if not an address."""
+    try:
+        return str(ipaddress.ip_address(text.split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+def _shown_first(key: str) -> tuple[int, str]:
+    """This machine, then addresses, then host names: the most telling shared key first."""
+    if key == THIS_MACHINE:
+        return 0, key
+    return (1 if _normal_address(key) is not None else 2), key

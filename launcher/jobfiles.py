@@ -12,14 +12,21 @@ The node name is part of the path because nodes may share a filesystem (an NFS h
 test namespaces). Job ids and node names are checked against a strict pattern before they
 become path components, so ``..`` or ``/`` can never reach the filesystem. Everything another
 process may read while it is being written goes through :func:`write_atomic`.
+
+A work directory may sit in a place every user can write to (``/tmp``): its directories are
+created with mode 0700 and must be this user's own real directories (:func:`private_dirs`),
+and the files the agent appends to are opened without following a symbolic link
+(:func:`open_append`), so nobody can make the agent write into a file of their choosing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import re
+import stat
 import tempfile
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -56,6 +63,67 @@ def exporter_dir(workdir: str | os.PathLike[str]) -> pathlib.Path:
     """Where ``ensure-exporter`` keeps each node's exporter log (``<node>.log``) and the
     ``<pid> <create_time>`` of the exporter it started (``<node>.pid``)."""
     return pathlib.Path(workdir).expanduser() / "exporter"
+
+
+class UnsafePath(OSError):
+    """A work directory or file that another user could have put there: a symbolic link, or
+    a directory that belongs to someone else."""
+
+
+def private_dirs(workdir: str | os.PathLike[str], *parts: str) -> pathlib.Path:
+    """``workdir/part/part...`` as directories of this user, created with mode 0700 where
+    missing (the work directory's missing parents too); UnsafePath if one of them is a
+    symbolic link or another user's, OSError if it cannot be made."""
+    directory = pathlib.Path(workdir).expanduser()
+    _make_missing(directory)
+    _check_own_directory(directory)
+    for part in parts:
+        directory = directory / part
+        with contextlib.suppress(FileExistsError):  # made before, or by a concurrent agent
+            os.mkdir(directory, 0o700)
+        _check_own_directory(directory)
+    return directory
+
+
+def _make_missing(directory: pathlib.Path) -> None:
+    missing = []
+    while True:
+        try:
+            os.lstat(directory)
+            break
+        except FileNotFoundError:
+            missing.append(directory)
+            directory = directory.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(each, 0o700)
+
+
+def _check_own_directory(directory: pathlib.Path) -> None:
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePath(errno.ELOOP, f"{directory} is a symbolic link, not a directory of its own")
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+    if info.st_uid != os.geteuid():
+        raise UnsafePath(
+            errno.EPERM,
+            f"{directory} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
+            "choose a work directory of your own (defaults.workdir in the inventory)",
+        )
+
+
+def open_append(path: pathlib.Path) -> int:
+    """A descriptor that appends to ``path`` (created 0600), never through a symbolic link:
+    UnsafePath if one is planted there."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafePath(
+                errno.ELOOP, f"{path} is a symbolic link; refusing to write through it"
+            ) from None
+        raise
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:

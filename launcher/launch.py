@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from . import records
-from .inventory import Inventory, Node
+from .inventory import Defaults, Inventory, Node, PrometheusTargets, load_inventory
 from .nodes import AgentError, NodeSet
 from .remote import RemoteError, SshOptions, SshShell
 from .targets import LocalTargets, RankEndpoint, RemoteTargets
@@ -172,6 +175,7 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
         started_at=time.time(),
         chdir=plan.chdir,
         known_hosts=str(options.known_hosts),
+        access=access_of(plan),
         state=records.LAUNCHING,
         launcher=records.process_ref(os.getpid()),
     )
@@ -240,9 +244,10 @@ def _start_everywhere(
     started = nodes.each(lambda node: _start(plan, nodes, node))
     problems = {name: r for name, r in started.items() if isinstance(r, Exception)}
     if problems:
+        others = len(plan.nodes) - len(problems)
         raise LaunchError(
             _per_node("torchrun could not be started", problems)
-            + "\nthe job was stopped on the other nodes"
+            + ("\nthe job was stopped on the other nodes" if others else "")
         )
 
     try:
@@ -372,15 +377,107 @@ def node_statuses(
     )
 
 
-def stop_job(plan: JobPlan, options: SshOptions) -> dict[str, dict[str, Any] | Exception]:
-    """Stop the job everywhere and forget its targets; safe to repeat."""
+def stop_job(
+    plan: JobPlan, options: SshOptions, *, unknown_ok: bool = False
+) -> dict[str, dict[str, Any] | Exception]:
+    """Stop the job everywhere, then forget its targets; safe to repeat.
+
+    A node whose agent finds no job directory ("unknown") has not been stopped: the job may
+    run there in a directory this launcher does not look in. It counts as a failure, like an
+    unreachable node, unless ``unknown_ok`` (a launch cut short before it reached the node).
+    The targets are only removed once every node has been stopped.
+    """
     with NodeSet(plan.inventory, plan.nodes, options) as nodes:
         results = stop_nodes(plan, nodes, list(plan.nodes))
-    targets_for(plan.inventory, options).remove_job(plan.job_id)
+    for name, result in results.items():
+        if not unknown_ok and isinstance(result, dict) and result.get("state") == "unknown":
+            workdir = plan.inventory.defaults.workdir
+            results[name] = AgentError(
+                f"{name}: no job {plan.job_id} in {workdir}/jobs there: it may still run "
+                "elsewhere; check the node by hand"
+            )
+    if not any(isinstance(result, Exception) for result in results.values()):
+        targets_for(plan.inventory, options).remove_job(plan.job_id)
     return results
 
 
-def plan_from_record(record: records.JobRecord, inventory: Inventory) -> JobPlan:
+def stop_recorded_job(
+    record: records.JobRecord, options: SshOptions
+) -> tuple[records.JobRecord, dict[str, dict[str, Any] | Exception]]:
+    """``ugro-launch stop``: the record marked stopped, its watcher ended, the job stopped on
+    every node and its targets removed. If a node cannot be confirmed stopped, the record's
+    state, its watcher and the targets are all kept (the job may still train), and the node's
+    result is an exception; ``stop`` may then be repeated."""
+    plan = plan_from_record(record)
+    before = record
+    if record.state in (records.RUNNING, records.LAUNCHING):
+        # First, so that the watcher does not take the stop for a failure of the job.
+        record = replace_state(record, state=records.STOPPED, ended_at=time.time(), launcher=None)
+    watcher_ended = stop_watcher(record)
+    # A launch that never completed (still LAUNCHING, or rolled back only in part: no watcher
+    # was started) may not have reached some nodes: no job directory there is normal.
+    never_launched = before.state == records.LAUNCHING or before.watcher_pid is None
+    results = stop_job(plan, options, unknown_ok=never_launched)
+    if all(not isinstance(result, Exception) for result in results.values()):
+        return record, results
+    record = before
+    if watcher_ended and record.state == records.RUNNING:
+        record.watcher_pid = start_watcher(record, options)
+    record.save()
+    return record, results
+
+
+def stop_watcher(record: records.JobRecord) -> bool:
+    """End the job's watcher, if it still runs (it would notice the stop within seconds);
+    True if it did run."""
+    if record.watcher_pid is None:
+        return False
+    try:
+        process = psutil.Process(record.watcher_pid)
+        if "ugro.launcher.watch" in process.cmdline() and record.job_id in process.cmdline():
+            process.terminate()
+            return True
+    except psutil.Error:
+        pass
+    return False
+
+
+def access_of(plan: JobPlan) -> dict[str, Any]:
+    """How to reach the job's nodes and targets later, for the record (see records.py)."""
+    defaults, prometheus = plan.inventory.defaults, plan.inventory.prometheus
+    return {
+        "python": defaults.python,
+        "workdir": defaults.workdir,
+        "exporter_port": defaults.exporter_port,
+        "metrics_base_port": defaults.metrics_base_port,
+        "nodes": {
+            node.name: {
+                "host": node.host,
+                "ssh_port": node.ssh_port,
+                "user": node.user,
+                "identity_file": node.identity_file,
+            }
+            for node in plan.nodes
+        },
+        "prometheus": {
+            "targets_dir": prometheus.targets_dir,
+            "host": prometheus.host,
+            "ssh_port": prometheus.ssh_port,
+            "user": prometheus.user,
+            "identity_file": prometheus.identity_file,
+        },
+    }
+
+
+def plan_from_record(record: records.JobRecord) -> JobPlan:
+    """The job as it was launched: its nodes are reached as its record says, never as the
+    inventory says now (it may have been edited or deleted). Only a record written before
+    ``access`` was kept falls back to reading the inventory (InventoryError if it cannot)."""
+    inventory = (
+        load_inventory(record.inventory)
+        if record.access is None
+        else _inventory_at_launch(record, record.access)
+    )
     return JobPlan(
         job_id=record.job_id,
         inventory=inventory,
@@ -389,6 +486,38 @@ def plan_from_record(record: records.JobRecord, inventory: Inventory) -> JobPlan
         command=tuple(record.command),
         rdzv_port=record.rdzv_port,
         chdir=record.chdir,
+    )
+
+
+def _inventory_at_launch(record: records.JobRecord, access: dict[str, Any]) -> Inventory:
+    nodes = []
+    for name in record.nodes:
+        reach = access["nodes"][name]
+        nodes.append(
+            Node(
+                name, reach["host"], reach["ssh_port"], reach["user"], reach["identity_file"], None
+            )
+        )
+    prometheus = access["prometheus"]
+    return Inventory(
+        path=pathlib.Path(record.inventory),
+        nodes=tuple(nodes),
+        defaults=Defaults(
+            python=access["python"],
+            workdir=access["workdir"],
+            exporter_port=access["exporter_port"],
+            metrics_base_port=access["metrics_base_port"],
+            min_free_disk_bytes=0,  # preflight only, at launch
+            chdir=record.chdir,
+        ),
+        prometheus=PrometheusTargets(
+            targets_dir=prometheus["targets_dir"],
+            host=prometheus["host"],
+            ssh_port=prometheus["ssh_port"],
+            user=prometheus["user"],
+            identity_file=prometheus["identity_file"],
+            grafana_url=None,
+        ),
     )
 
 

@@ -3,7 +3,8 @@
 Commands are argv lists. Over SSH they are joined with ``shlex.join``, so every value reaches
 the remote shell quoted; locally they are run without a shell at all. Host keys are checked
 against known_hosts (Fabric on its own would accept any key): an unknown host is refused with
-its fingerprint, unless the caller explicitly accepts new keys.
+its fingerprint, unless the caller explicitly accepts new keys; known_hosts.py reads that file
+and only ever appends to it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import base64
 import hashlib
 import pathlib
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +22,15 @@ import paramiko
 from fabric import Connection
 
 from .inventory import Node
+from .known_hosts import (
+    HostKeyPolicy,
+    KnownHosts,
+    KnownHostsError,
+    RevokedHostKey,
+    UnknownHostKey,
+    read_known_hosts,
+    transport_factory,
+)
 
 DEFAULT_KNOWN_HOSTS = pathlib.Path("~/.ssh/known_hosts")
 
@@ -110,46 +119,78 @@ class SshShell:
         with self._lock:
             if self.connection.is_connected:
                 return
+            self._check_identity_file()
             client = self.connection.client
             known_hosts = self.options.known_hosts.expanduser()
-            if self.options.accept_new_host_keys:
-                known_hosts.parent.mkdir(parents=True, exist_ok=True)
-                known_hosts.touch(exist_ok=True)
-            if known_hosts.exists():
-                # load_host_keys also makes paramiko save newly accepted keys to this file.
-                client.load_host_keys(str(known_hosts))
+            try:
+                known = read_known_hosts(known_hosts)
+            except KnownHostsError as error:
+                raise RemoteError(f"{self.where}: {error}") from error
+            # Never client.load_host_keys(): paramiko would then save its own parsed copy over
+            # the file, losing comments and every line it cannot read.
+            for name in known.host_keys:
+                for key_type, key in known.host_keys[name].items():
+                    client.get_host_keys().add(name, key_type, key)
             client.set_missing_host_key_policy(
-                paramiko.AutoAddPolicy()
-                if self.options.accept_new_host_keys
-                else paramiko.RejectPolicy()
+                HostKeyPolicy(known, self.options.accept_new_host_keys)
             )
+            self.connection.connect_kwargs["transport_factory"] = transport_factory(known)
             try:
                 self.connection.open()
-            except paramiko.BadHostKeyException as error:
-                raise RemoteError(
-                    f"{self.where}: the host key CHANGED: it offers {_fingerprint(error.key)} but "
-                    f"{known_hosts} has {_fingerprint(error.expected_key)}. This may be an attack "
-                    "or a reinstalled node; ugro-launch never accepts a changed key: check it, "
-                    "then fix known_hosts (ssh-keygen -R)."
-                ) from error
-            except paramiko.SSHException as error:
-                if "not found in known_hosts" in str(error):
-                    raise RemoteError(self._unknown_host_message(known_hosts)) from error
-                raise RemoteError(f"{self.where}: SSH failed: {error}") from error
-            except (OSError, EOFError) as error:
-                reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-                raise RemoteError(f"{self.where}: cannot connect: {reason}") from error
+            except Exception as error:
+                # A refused host leaves paramiko's transport (and its thread) running.
+                client.close()
+                explained = self._connect_error(error, known)
+                if explained is error:
+                    raise
+                raise explained from error
 
-    def _unknown_host_message(self, known_hosts: pathlib.Path) -> str:
+    def _check_identity_file(self) -> None:
+        """Paramiko's own error for a missing key file names neither the file nor the node."""
+        if not self.node.identity_file:
+            return
+        path = pathlib.Path(self.node.identity_file).expanduser()
         try:
-            offered = _fingerprint(_server_key(self.node.host, self.node.ssh_port))
-        except (OSError, paramiko.SSHException) as error:
-            offered = f"(its key could not be read: {error})"
+            path.open("rb").close()
+        except OSError as error:
+            raise RemoteError(
+                f"{self.where}: identity_file {self.node.identity_file} (inventory) cannot be "
+                f"read: {error.strerror or error}"
+            ) from error
+
+    def _connect_error(self, error: Exception, known: KnownHosts) -> Exception:
+        """The RemoteError that explains ``error``; ``error`` itself if it is unexpected."""
+        known_hosts = known.path
+        if isinstance(error, RevokedHostKey):
+            return RemoteError(
+                f"{self.where}: the host offers {_fingerprint(error.key)}, a key that "
+                f"{error.where} marks @revoked; ugro-launch never connects to a host with a "
+                "revoked key: check the node, then give it a new host key."
+            )
+        if isinstance(error, paramiko.BadHostKeyException):
+            return RemoteError(
+                f"{self.where}: the host key CHANGED: it offers {_fingerprint(error.key)} but "
+                f"{known_hosts} has {_fingerprint(error.expected_key)}. This may be an attack "
+                "or a reinstalled node; ugro-launch never accepts a changed key: check it, "
+                "then fix known_hosts (ssh-keygen -R)."
+            )
+        if isinstance(error, UnknownHostKey):
+            return RemoteError(self._unknown_host_message(known_hosts, error.key))
+        if isinstance(error, KnownHostsError):
+            return RemoteError(f"{self.where}: {error}")
+        if isinstance(error, paramiko.SSHException):
+            return RemoteError(f"{self.where}: SSH failed: {error}")
+        if isinstance(error, OSError | EOFError):
+            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            return RemoteError(f"{self.where}: cannot connect: {reason}")
+        return error
+
+    def _unknown_host_message(self, known_hosts: pathlib.Path, offered: paramiko.PKey) -> str:
         return (
-            f"{self.where}: unknown host key {offered}, not in {known_hosts}. If that fingerprint "
-            "is the node's, accept it with --accept-new-host-keys (adds it to known_hosts), or "
-            f"add it yourself: ssh-keyscan -p {self.node.ssh_port} {self.node.host} >> "
-            f"{known_hosts}"
+            f"{self.where}: unknown host key {_fingerprint(offered)}, not in {known_hosts}. If "
+            "that fingerprint is the node's, accept it with --accept-new-host-keys (adds it to "
+            f"known_hosts), or add it yourself: ssh-keyscan -p {self.node.ssh_port} "
+            f"{self.node.host} >> {known_hosts}"
         )
 
     def run(self, argv: list[str], timeout: float | None = 60.0) -> CommandResult:
@@ -198,16 +239,6 @@ def shell_for(node: Node, options: SshOptions) -> LocalShell | SshShell:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _server_key(host: str, port: int) -> paramiko.PKey:
-    with socket.create_connection((host, port), timeout=10) as sock:
-        transport = paramiko.Transport(sock)
-        try:
-            transport.start_client(timeout=10)
-            return transport.get_remote_server_key()
-        finally:
-            transport.close()
 
 
 def _fingerprint(key: paramiko.PKey) -> str:

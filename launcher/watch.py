@@ -17,7 +17,7 @@ import sys
 import time
 
 from . import records
-from .inventory import InventoryError, load_inventory
+from .inventory import InventoryError
 from .launch import node_statuses, plan_from_record, replace_state, stop_nodes, targets_for
 from .nodes import NodeSet
 from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
@@ -36,7 +36,7 @@ def watch(
     """
     record = records.load_record(job_id)
     reachable_at = time.monotonic()
-    plan = plan_from_record(record, load_inventory(record.inventory))
+    plan = plan_from_record(record)  # where it was launched, whatever the inventory says now
     with NodeSet(plan.inventory, plan.nodes, options) as nodes:
         while True:
             record = records.load_record(job_id)

@@ -9,6 +9,7 @@ identity for joins.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,12 +40,50 @@ class RankSnapshot:
 
 
 class RankMetricsCollector:
-    """Turns ``snapshot()`` into metric families; it keeps no state of its own."""
+    """Turns ``snapshot()`` into metric families; it keeps no state of its own.
 
-    def __init__(self, snapshot: Callable[[], RankSnapshot]) -> None:
+    A scrape never fails: a value that is not a float (an int beyond float range, say) is
+    exposed as +/-Inf or NaN, and a family that cannot be built is left out; each such failure
+    goes to ``on_error`` (Telemetry counts it in ``ugro_train_telemetry_errors_total``).
+    """
+
+    def __init__(
+        self,
+        snapshot: Callable[[], RankSnapshot],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._snapshot = snapshot
+        self._on_error = on_error
 
     def collect(self) -> Iterator[Metric]:
+        # prometheus_client calls float() on every value while it writes the exposition, after
+        # collect() has returned: one value that fails there fails the whole scrape (HTTP 500),
+        # and on every later scrape too. So values are floats before they leave this method, and
+        # whatever still fails while the families are built costs only the families after it.
+        families: list[Metric] = []
+        try:
+            families.extend(self._families())
+        except Exception as error:
+            self._error(error)
+        yield from families
+
+    def _error(self, error: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(error)
+
+    def _number(self, value: object) -> float:
+        """``value`` as a float for the exposition; never raises."""
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except OverflowError as error:  # an int (or fraction) beyond float range
+            self._error(error)
+            return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+        except (TypeError, ValueError) as error:
+            self._error(error)
+            return math.nan
+
+    def _families(self) -> Iterator[Metric]:
+        number = self._number
         snap = self._snapshot()
         stats = snap.stats
 
@@ -53,113 +92,113 @@ class RankMetricsCollector:
             "Identity of this training rank (value 1); join on job_id/rank or node/gpu_uuid.",
             labels=RANK_INFO_LABELS,
         )
-        info.add_metric([snap.identity[label] for label in RANK_INFO_LABELS], 1)
+        info.add_metric([str(snap.identity[label]) for label in RANK_INFO_LABELS], 1.0)
         yield info
 
         yield CounterMetricFamily(
-            "ugro_train_steps", "Optimizer steps completed.", value=stats.steps
+            "ugro_train_steps", "Optimizer steps completed.", value=number(stats.steps)
         )
         yield CounterMetricFamily(
-            "ugro_train_tokens", "Tokens processed by this rank.", value=stats.tokens
+            "ugro_train_tokens", "Tokens processed by this rank.", value=number(stats.tokens)
         )
         yield CounterMetricFamily(
-            "ugro_train_samples", "Samples (sequences) processed by this rank.", value=stats.samples
+            "ugro_train_samples",
+            "Samples (sequences) processed by this rank.",
+            value=number(stats.samples),
         )
 
-        yield from _value_series(
-            "ugro_train_loss", "Training loss", stats.loss.total, stats.loss.count, stats.loss.last
-        )
-        yield from _value_series(
-            "ugro_train_grad_norm",
-            "Total gradient norm (before clipping)",
-            stats.grad_norm.total,
-            stats.grad_norm.count,
-            stats.grad_norm.last,
-        )
+        for name, what, series in (
+            ("ugro_train_loss", "Training loss", stats.loss),
+            ("ugro_train_grad_norm", "Total gradient norm (before clipping)", stats.grad_norm),
+        ):
+            yield SummaryMetricFamily(
+                name,
+                f"{what} per step; rate(_sum)/rate(_count) is the exact mean over a window "
+                "(finite values only).",
+                count_value=number(series.count),
+                sum_value=number(series.total),
+            )
+            if series.last is not None:
+                yield GaugeMetricFamily(
+                    f"{name}_last", f"{what} at the last step.", value=number(series.last)
+                )
 
         nonfinite = CounterMetricFamily(
             "ugro_train_nonfinite",
-            "Steps whose loss or gradient norm was NaN or infinite, by quantity.",
+            "Steps whose loss or gradient norm was NaN, infinite or beyond float32 range, "
+            "by quantity.",
             labels=["quantity"],
         )
-        nonfinite.add_metric(["loss"], stats.loss.nonfinite)
-        nonfinite.add_metric(["grad_norm"], stats.grad_norm.nonfinite)
+        nonfinite.add_metric(["loss"], number(stats.loss.nonfinite))
+        nonfinite.add_metric(["grad_norm"], number(stats.grad_norm.nonfinite))
         yield nonfinite
 
         if stats.learning_rate is not None:
             yield GaugeMetricFamily(
                 "ugro_train_learning_rate",
                 "Learning rate of the first parameter group at the last step.",
-                value=stats.learning_rate,
+                value=number(stats.learning_rate),
             )
 
         yield HistogramMetricFamily(
             "ugro_train_step_duration_seconds",
             "Wall-clock time between consecutive completed steps, in seconds.",
-            buckets=stats.step_duration.cumulative(),
-            sum_value=stats.step_duration.total,
+            buckets=[(bound, number(count)) for bound, count in stats.step_duration.cumulative()],
+            sum_value=number(stats.step_duration.total),
         )
 
         if stats.data_wait_seconds is not None:
             yield CounterMetricFamily(
                 "ugro_train_data_wait_seconds",
                 "Time the loop spent waiting for input batches (inside data_wait()), in seconds.",
-                value=stats.data_wait_seconds,
+                value=number(stats.data_wait_seconds),
             )
 
         if stats.last_step_timestamp is not None:
             yield GaugeMetricFamily(
                 "ugro_train_last_step_timestamp_seconds",
                 "Unix time at which the last step completed, in seconds.",
-                value=stats.last_step_timestamp,
+                value=number(stats.last_step_timestamp),
             )
         yield GaugeMetricFamily(
             "ugro_train_start_time_seconds",
             "Unix time at which this rank's telemetry started, in seconds.",
-            value=snap.start_time,
+            value=number(snap.start_time),
         )
         if snap.end_time is not None:
             yield GaugeMetricFamily(
                 "ugro_train_end_time_seconds",
                 "Unix time at which this rank closed its telemetry normally, in seconds; "
                 "absent while it runs and after a crash.",
-                value=snap.end_time,
+                value=number(snap.end_time),
             )
         if snap.target_steps is not None:
             yield GaugeMetricFamily(
                 "ugro_train_target_steps",
                 "Number of optimizer steps the run is configured to take.",
-                value=snap.target_steps,
+                value=number(snap.target_steps),
             )
         if snap.cuda_max_memory_allocated_bytes is not None:
             yield GaugeMetricFamily(
                 "ugro_train_cuda_max_memory_allocated_bytes",
                 "Peak CUDA memory allocated by this rank's tensors, in bytes.",
-                value=snap.cuda_max_memory_allocated_bytes,
+                value=number(snap.cuda_max_memory_allocated_bytes),
             )
 
         yield GaugeMetricFamily(
             "ugro_train_telemetry_pending_steps",
             "Steps whose device values have not yet been copied back to the host.",
-            value=snap.pending_steps,
+            value=number(snap.pending_steps),
         )
         yield CounterMetricFamily(
             "ugro_train_telemetry_errors",
-            "Errors inside ugro telemetry, logged and kept away from the training loop.",
-            value=stats.telemetry_errors,
+            "Errors inside ugro telemetry (rejected values included), logged and kept away "
+            "from the training loop.",
+            value=number(stats.telemetry_errors),
         )
-
-
-def _value_series(
-    name: str, what: str, total: float, count: int, last: float | None
-) -> Iterator[Metric]:
-    """A per-step value as a summary (exact windowed means) plus a gauge of its last value."""
-    yield SummaryMetricFamily(
-        name,
-        f"{what} per step; rate(_sum)/rate(_count) is the exact mean over a window "
-        "(finite values only).",
-        count_value=count,
-        sum_value=total,
-    )
-    if last is not None:
-        yield GaugeMetricFamily(f"{name}_last", f"{what} at the last step.", value=last)
+        yield CounterMetricFamily(
+            "ugro_train_telemetry_rejected_values",
+            "Values passed to step()/micro_step() that were dropped as invalid (wrong type, "
+            "a count that is not a whole number in range); also counted as telemetry errors.",
+            value=number(stats.rejected_values),
+        )

@@ -29,13 +29,21 @@ STEP_DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
     60.0,
 )
 
+# The largest magnitude a per-step value may have and still enter a ``_sum``: float32's largest
+# finite value. A loss or gradient norm beyond it has overflowed in the float32/bfloat16 maths
+# training runs in (where it would already be inf); taken as a finite float64 it is the same
+# event, and adding it would leave the sum at +Inf (1.7e308 twice) or swamp every later value
+# for the rest of the run. Below it, a sum cannot overflow in any realistic number of steps.
+SUMMABLE_LIMIT = 3.4028234663852886e38
+
 
 @dataclass
 class ValueSeries:
     """A value reported once per step: the last one, and the exact sum and count of finite ones.
 
-    Non-finite values are counted separately and kept out of the sum, so one NaN does not poison
-    every windowed mean computed from ``_sum``/``_count`` afterwards.
+    Non-finite values, and finite ones beyond ``SUMMABLE_LIMIT``, are counted separately and kept
+    out of the sum, so one NaN or overflow does not poison every windowed mean computed from
+    ``_sum``/``_count`` afterwards. ``last`` keeps such a value as it was.
     """
 
     last: float | None = None
@@ -45,7 +53,7 @@ class ValueSeries:
 
     def observe(self, value: float) -> None:
         self.last = value
-        if math.isfinite(value):
+        if math.isfinite(value) and abs(value) <= SUMMABLE_LIMIT:
             self.total += value
             self.count += 1
         else:
@@ -93,7 +101,8 @@ class RankStats:
     step_duration: DurationHistogram = field(default_factory=DurationHistogram)
     last_step_timestamp: float | None = None
     data_wait_seconds: float | None = None  # None until the loop times its data loading
-    telemetry_errors: int = 0
+    telemetry_errors: int = 0  # rejected values included
+    rejected_values: int = 0  # values dropped at the door as invalid
 
     def copy(self) -> RankStats:
         return RankStats(
@@ -112,4 +121,5 @@ class RankStats:
             last_step_timestamp=self.last_step_timestamp,
             data_wait_seconds=self.data_wait_seconds,
             telemetry_errors=self.telemetry_errors,
+            rejected_values=self.rejected_values,
         )

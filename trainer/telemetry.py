@@ -6,13 +6,15 @@
             telemetry.step(loss=loss, tokens=batch.numel(), grad_norm=norm, optimizer=optimizer)
 
 The step path never synchronises with the device and never raises: a failure inside telemetry
-is logged, counted in ``ugro_train_telemetry_errors_total`` and swallowed.
+is logged, counted in ``ugro_train_telemetry_errors_total`` and swallowed. A value that is not
+valid (a count that is not a whole number in range, a string, a bool) is dropped, logged once per
+field and counted in ``ugro_train_telemetry_rejected_values_total`` as well; the step still counts.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import operator
 import socket
 import sys
 import threading
@@ -22,8 +24,17 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ugro.common.messages import shown
+
 from .config import TelemetryConfig
-from .device_values import CudaCopier, DeviceCopier, DeviceValueQueue, host_float, is_cuda_tensor
+from .device_values import (
+    CudaCopier,
+    DeviceCopier,
+    DeviceValueQueue,
+    ValueTypeError,
+    host_float,
+    is_cuda_tensor,
+)
 from .metrics import RankMetricsCollector, RankSnapshot
 from .server import MetricsServer, MetricsServerError, serve_metrics
 from .stats import RankStats
@@ -38,6 +49,10 @@ _ERROR_LOG_FIRST = 5
 _CLOSE_WAIT_SECONDS = 2.0
 
 _COUNTER_FIELDS = ("tokens", "samples")
+# The most a count may grow by in one step. No step processes 2**53 (9e15) tokens, and beyond it
+# float64, which device copies and Prometheus hold counts in, no longer represents every integer:
+# larger values are a bug in the loop, and summing them would end in an overflow at scrape time.
+MAX_COUNT_PER_STEP = 2**53
 
 
 class Telemetry:
@@ -104,12 +119,13 @@ class Telemetry:
         self._cuda_device_index: int | None = None
         self._gpu_uuid = self.config.gpu_uuid or ""
         self._dropped_device_steps = 0
+        self._warned_fields: set[str] = set()  # fields whose rejected values have been logged
         self._closed = False
         if device is not None:
             self._adopt_device(device)
 
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._collector = RankMetricsCollector(self._snapshot)
+        self._collector = RankMetricsCollector(self._snapshot, on_error=self._scrape_error)
         self.registry.register(self._collector)
 
         self.server: MetricsServer | None = None
@@ -126,15 +142,17 @@ class Telemetry:
         sums of the counts (a loss given to ``step()`` itself wins; its counts add up). CUDA
         values are summed on their device, so nothing waits for the GPU.
         """
-        # Each value on its own: one bad value is an error, the others are still recorded.
-        for name, value in (("loss", loss), ("tokens", tokens), ("samples", samples)):
-            if value is None:
+        # Each value on its own: one bad value is dropped, the others are still recorded.
+        for name, given in (("loss", loss), ("tokens", tokens), ("samples", samples)):
+            if given is None:
                 continue
             try:
-                if is_cuda_tensor(value):
-                    value = value.detach().float() if name == "loss" else value.detach()
+                if is_cuda_tensor(given):
+                    value = _device_value(given).detach()
+                    if name == "loss":
+                        value = value.float()
                 else:
-                    value = host_float(name, value)
+                    value = _host_value(name, given)
                 with self._lock:
                     if name == "loss":
                         previous = self._micro_loss
@@ -143,6 +161,8 @@ class Telemetry:
                     else:
                         previous = self._micro_counts.get(name)
                         self._micro_counts[name] = value if previous is None else previous + value
+            except (RejectedValue, ValueTypeError) as error:
+                self._reject(name, given, error)
             except Exception as error:  # the training loop must never see telemetry fail
                 self._record_error("micro_step", error)
 
@@ -173,18 +193,13 @@ class Telemetry:
         micro_loss, micro_counts = self._take_micro_steps()
         if loss is None:
             loss = micro_loss
-        try:
-            tokens = _added(tokens, micro_counts.get("tokens"))
-            samples = _added(samples, micro_counts.get("samples"))
-        except Exception as error:
-            self._record_error("step", error)
         if learning_rate is None and optimizer is not None:
             try:
                 learning_rate = optimizer.param_groups[0]["lr"]
             except Exception as error:
                 self._record_error("step", error)
-        # Each value on its own: one bad value is an error, the others are still recorded.
-        host: dict[str, float] = {}
+        # Each value on its own: one bad value is dropped, the others are still recorded.
+        host: dict[str, Any] = {}
         device: dict[str, Any] = {}
         for name, value in (
             ("loss", loss),
@@ -197,9 +212,21 @@ class Telemetry:
                 continue
             try:
                 if is_cuda_tensor(value):
-                    device[name] = value
+                    device[name] = _device_value(value)
                 else:
-                    host[name] = host_float(name, value)
+                    host[name] = _host_value(name, value)
+            except (RejectedValue, ValueTypeError) as error:
+                self._reject(name, value, error)
+            except Exception as error:
+                self._record_error("step", error)
+        # The micro-steps' counts add to the step's own (checked again in _apply: the sum).
+        for name, accumulated in micro_counts.items():
+            try:
+                own = device.pop(name, None)
+                if own is None:
+                    own = host.pop(name, None)
+                total = accumulated if own is None else accumulated + own
+                (device if is_cuda_tensor(total) else host)[name] = total
             except Exception as error:
                 self._record_error("step", error)
 
@@ -343,12 +370,13 @@ class Telemetry:
             elif name == "learning_rate":
                 stats.learning_rate = value
             elif name in _COUNTER_FIELDS:
-                if not math.isfinite(value) or value < 0:
-                    self._record_error_locked(
-                        "step", ValueError(f"{name}: expected a count >= 0, got {value!r}")
-                    )
+                # Device counts are first seen here, as floats; host ones were checked already.
+                try:
+                    count = _count(name, value)
+                except (RejectedValue, ValueTypeError) as error:
+                    self._reject_locked(name, value, error)
                     continue
-                setattr(stats, name, getattr(stats, name) + int(value))
+                setattr(stats, name, getattr(stats, name) + count)
 
     def _submit_device_values(self, device: Mapping[str, Any]) -> None:
         try:
@@ -439,9 +467,14 @@ class Telemetry:
         with self._lock:
             self._record_error_locked(where, error)
 
+    def _scrape_error(self, error: BaseException) -> None:
+        """A value the collector could not expose as it was (it exposed NaN or +/-Inf)."""
+        self._record_error("scrape", error)
+
     def _record_error_locked(self, where: str, error: BaseException) -> None:
         self._stats.telemetry_errors += 1
-        count = self._stats.telemetry_errors
+        # Rejected values are logged on their own terms; they must not use up this log's quota.
+        count = self._stats.telemetry_errors - self._stats.rejected_values
         if count <= _ERROR_LOG_FIRST or count % _ERROR_LOG_EVERY == 0:
             log.warning(
                 "ugro telemetry error #%d in %s (training continues): %s: %s",
@@ -452,16 +485,85 @@ class Telemetry:
                 exc_info=count == 1,
             )
 
+    def _reject(self, name: str, value: Any, error: Exception) -> None:
+        with self._lock:
+            self._reject_locked(name, value, error)
 
-def _added(given: Any, accumulated: Any) -> Any:
-    """A step's own count plus its micro-steps' (either may be None)."""
-    if accumulated is None:
-        return given
-    if given is None:
-        return accumulated
-    if is_cuda_tensor(given) and not is_cuda_tensor(accumulated):
-        return given + accumulated
-    return accumulated + (given if is_cuda_tensor(given) else host_float("count", given))
+    def _reject_locked(self, name: str, value: Any, error: Exception) -> None:
+        """Drop an invalid value: counted every time, logged once per field."""
+        self._stats.telemetry_errors += 1
+        self._stats.rejected_values += 1
+        if name in self._warned_fields:
+            return
+        self._warned_fields.add(name)
+        reason = str(error).removeprefix(f"{name}: ")
+        log.warning(
+            "ugro: dropped the step value %s=%s (training continues): %s; later invalid %s "
+            "values are dropped without a log line and counted in "
+            "ugro_train_telemetry_rejected_values_total",
+            name,
+            shown(value),
+            reason,
+            name,
+        )
+
+
+class RejectedValue(ValueError):
+    """A step value that is not valid: the training loop's mistake, dropped and counted."""
+
+
+def _is_bool(value: Any) -> bool:
+    # Python's, numpy's and torch's bools all convert to 0 or 1: passed by mistake, each would
+    # count as one token (or a loss of 1.0) without a word.
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
+def _device_value(value: Any) -> Any:
+    """A CUDA value as it is; only what its metadata shows can be checked without a sync."""
+    if _is_bool(value):
+        raise RejectedValue(f"expected a number, got a {value.dtype} tensor")
+    return value
+
+
+def _host_value(name: str, value: Any) -> Any:
+    """A host-side step value, checked: a count as an int, any other value as a float.
+
+    Loss, gradient norm and learning rate may be NaN or infinite: those are signals, counted in
+    ``ugro_train_nonfinite_total``; only values that are not numbers at all are rejected.
+    """
+    if name in _COUNTER_FIELDS:
+        return _count(name, value)
+    if type(value) is float:  # the common case, checked first: this runs every step
+        return value
+    if isinstance(value, (str, bytes, bytearray)) or _is_bool(value):
+        # float("5") would succeed: a string is a mistake in the loop, not a number.
+        raise RejectedValue("expected a number or a one-element tensor")
+    try:
+        return host_float(name, value)
+    except OverflowError as error:  # an int beyond float range
+        raise RejectedValue("expected a number within float range") from error
+
+
+def _count(name: str, value: Any) -> int:
+    """A count as an int: a whole number in 0..MAX_COUNT_PER_STEP (8 and 8.0 alike)."""
+    if type(value) is int and 0 <= value <= MAX_COUNT_PER_STEP:  # the common case, every step
+        return value
+    expected = f"expected a whole number of {name} in 0..2**53"
+    if isinstance(value, (str, bytes, bytearray)) or _is_bool(value):
+        raise RejectedValue(expected)
+    try:
+        count = operator.index(value)  # ints of every kind, exactly: Python, numpy, torch
+    except TypeError:
+        try:
+            number = host_float(name, value)
+        except OverflowError as error:
+            raise RejectedValue(expected) from error
+        if not number.is_integer():  # 2.9, NaN and inf alike
+            raise RejectedValue(expected) from None
+        count = int(number)
+    if not 0 <= count <= MAX_COUNT_PER_STEP:
+        raise RejectedValue(expected)
+    return count
 
 
 class DataWaitTimer:

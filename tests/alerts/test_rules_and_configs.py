@@ -473,6 +473,27 @@ def _set(section: str, field: str, value: object) -> Edit:
     return lambda data: data[section].__setitem__(field, value)
 
 
+def _top(field: str, value: object) -> Edit:
+    return lambda data: data.__setitem__(field, value)
+
+
+def _rename(section: str, field: str, new_name: str) -> Edit:
+    return lambda data: data[section].__setitem__(new_name, data[section].pop(field))
+
+
+BAD_RUNBOOK_URLS = [
+    'https://wiki.example.org/runbook"}}',
+    "https://wiki.example.org/{{ $labels.job_id }}",
+    "https://wiki.example.org/run book",
+    "https://wiki.example.org\\runbook",
+    "https://wiki.example.org/runbook#alerts",
+    "ftp://files.example.org/runbook",
+    "javascript:alert(1)",
+    "",
+    42,
+]
+
+
 @pytest.mark.parametrize(
     ("edit", "field", "detail"),
     [
@@ -486,9 +507,30 @@ def _set(section: str, field: str, value: object) -> Edit:
         (_set("gpu", "memory_full_ratio", True), "gpu.memory_full_ratio", ">= 0"),
         (lambda data: data.__setitem__("network", {"rx_errors": 1}), "network", "unknown section"),
         (lambda data: data.pop("gpu"), "gpu", "expected a mapping"),
-        (lambda data: data.pop("runbook_base_url"), "runbook_base_url", "non-empty string"),
+        (lambda data: data.pop("runbook_base_url"), "runbook_base_url", "http(s) URL"),
+        # A misspelled field loaded, then failed with a KeyError in `check`; a missing one too.
+        (
+            _rename("training", "straggler_ratio", "straggler_ratoi"),
+            "training",
+            "unknown field(s) straggler_ratoi (did you mean straggler_ratio?); known fields: "
+            "nonfinite_for, nonfinite_window, loss_spike_factor",
+        ),
+        (lambda data: data["gpu"].pop("lost_for"), "gpu", "missing field(s) lost_for"),
+        # `> nan` and `> inf` pass promtool and never fire.
+        (_set("training", "loss_ceiling", float("nan")), "training.loss_ceiling", "finite"),
+        (
+            _set("gpu", "temperature_critical_celsius", float("inf")),
+            "gpu.temperature_critical_celsius",
+            "expected a finite number >= 0, got inf",
+        ),
+        (_set("node", "disk_fill_hours", 10**400), "node.disk_fill_hours", "finite"),
+        # Each of these makes rules that promtool rejects, or a broken link.
+        *(
+            (_top("runbook_base_url", url), "runbook_base_url", "http(s) URL or a relative path")
+            for url in BAD_RUNBOOK_URLS
+        ),
     ],
-    ids=lambda value: value if isinstance(value, str) else "",
+    ids=lambda value: value if isinstance(value, str) and len(value) < 40 else "",
 )
 def test_a_bad_thresholds_file_names_the_file_and_the_field(
     thresholds_file: WriteThresholds, edit: Edit, field: str, detail: str
@@ -514,3 +556,138 @@ def test_the_cli_reports_a_bad_thresholds_file_in_one_line(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error
     assert str(path) in error and "training.straggler_ratio" in error
+
+
+def test_the_cli_names_a_misspelled_thresholds_field_and_the_known_ones(
+    thresholds_file: WriteThresholds,
+) -> None:
+    """It loaded before, and `check` then failed with a KeyError traceback."""
+    path = thresholds_file(_rename("gpu", "temperature_for", "temprature_for"))
+    result = run([sys.executable, "-m", "ugro.alerts", "check", "--thresholds", str(path)])
+    assert result.returncode == 2, shown(result)
+    assert result.stdout == "" and result.stderr.count("\n") == 1, shown(result)
+    assert result.stderr.startswith(
+        f"ugro.alerts: {path}: gpu: unknown field(s) temprature_for (did you mean "
+        "temperature_for?); known fields: temperature_warning_celsius,"
+    ), shown(result)
+
+
+def test_a_non_finite_override_is_refused() -> None:
+    with pytest.raises(ThresholdsError, match=r"training\.loss_ceiling: expected a finite"):
+        render(**{"training.loss_ceiling": float("nan")})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "alerts/runbook.md",
+        "https://wiki.example.org/ugro/runbook",
+        "http://10.0.0.5:8080/ugro/runbook.md?format=html&lang=en",
+    ],
+)
+def test_an_accepted_runbook_base_url_makes_rules_promtool_accepts(
+    promtool_path: str, thresholds_file: WriteThresholds, tmp_path: pathlib.Path, url: str
+) -> None:
+    text = render(thresholds_file(_top("runbook_base_url", url)))
+    rules = tmp_path / "rules.yml"
+    rules.write_text(text)
+    result = run([promtool_path, "check", "rules", str(rules)])
+    assert result.returncode == 0, shown(result)
+    stall = rule_named(text, "TrainingStalled")
+    assert stall["annotations"]["runbook_url"] == f"{url}#trainingstalled"
+
+
+# -- Alertmanager's secret files: checked before the first notification needs them -------------
+
+GOOD_SECRETS = {
+    "slack_webhook_url": "https://hooks.slack.invalid/T0/B0/x\n",  # trimmed by Alertmanager
+    "smtp_password": "not-a-password",
+}
+
+
+@pytest.fixture
+def deployed(tmp_path: pathlib.Path) -> Callable[[dict[str, str | None]], pathlib.Path]:
+    """alertmanager.yml and its templates in a folder, with the secret files given (None:
+    absent); returns the config's path."""
+
+    def deploy(secrets: dict[str, str | None]) -> pathlib.Path:
+        shutil.copy(ALERTMANAGER_CONFIG, tmp_path / ALERTMANAGER_CONFIG.name)
+        shutil.copytree(ALERTMANAGER_CONFIG.parent / "templates", tmp_path / "templates")
+        (tmp_path / "secrets").mkdir()
+        for name, content in secrets.items():
+            if content is not None:
+                (tmp_path / "secrets" / name).write_text(content)
+        return tmp_path / ALERTMANAGER_CONFIG.name
+
+    return deploy
+
+
+def check_secrets(
+    config: pathlib.Path, capsys: pytest.CaptureFixture[str], *options: str
+) -> tuple[int, list[str]]:
+    status = alerts_cli.main(["check", "--alertmanager-config", str(config), *options])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return status, captured.err.splitlines()
+
+
+SLACK_FIELD = "receivers[slack].slack_configs[0].api_url_file in alertmanager.yml"
+SMTP_FIELD = "global.smtp_auth_password_file in alertmanager.yml"
+
+
+@pytest.mark.parametrize(
+    ("secrets", "expected"),
+    [
+        (
+            {"slack_webhook_url": None, "smtp_password": None},
+            [
+                f"smtp_password ({SMTP_FIELD}): missing: Alertmanager starts without it, but "
+                "every email fails",
+                f"slack_webhook_url ({SLACK_FIELD}): missing: Alertmanager starts without it, "
+                "but every Slack message fails",
+            ],
+        ),
+        (
+            {**GOOD_SECRETS, "smtp_password": "\n"},
+            [f"smtp_password ({SMTP_FIELD}): empty: Alertmanager starts, but every email fails"],
+        ),
+        (
+            {**GOOD_SECRETS, "smtp_password": "not-a-password\n"},
+            [
+                f"smtp_password ({SMTP_FIELD}): ends in a newline, which Alertmanager before "
+                "0.27 sends as part of the password: write it with printf '%s'"
+            ],
+        ),
+        (
+            {**GOOD_SECRETS, "slack_webhook_url": "hooks.slack.com/services/T0/B0/x"},
+            [f"slack_webhook_url ({SLACK_FIELD}): does not hold an http(s) URL on one line"],
+        ),
+    ],
+    ids=["missing", "empty password", "password with a newline", "slack url without scheme"],
+)
+def test_check_names_each_secret_file_alertmanager_would_fail_on(
+    amtool_path: str,
+    deployed: Callable[[dict[str, str | None]], pathlib.Path],
+    capsys: pytest.CaptureFixture[str],
+    secrets: dict[str, str | None],
+    expected: list[str],
+) -> None:
+    config = deployed(secrets)
+    # What the issue found: amtool sees nothing wrong, and Alertmanager would start "ready".
+    result = run([amtool_path, "check-config", str(config)])
+    assert result.returncode == 0, shown(result)
+    folder = config.parent / "secrets"
+    status, lines = check_secrets(config, capsys, "--require-secrets")
+    assert status == 1
+    assert lines == [f"ugro.alerts: error: {folder}/{line}" for line in expected]
+    # A development checkout has no secrets: there they are warnings, and `check` passes.
+    status, lines = check_secrets(config, capsys)
+    assert status == 0
+    assert lines == [f"ugro.alerts: warning: {folder}/{line}" for line in expected]
+
+
+def test_check_is_silent_when_every_secret_file_is_usable(
+    deployed: Callable[[dict[str, str | None]], pathlib.Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, lines = check_secrets(deployed(GOOD_SECRETS), capsys, "--require-secrets")
+    assert (status, lines) == (0, [])

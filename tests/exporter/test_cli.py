@@ -41,6 +41,10 @@ def run_exporter(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
         (["--listen", "9490"], "--listen '9490': expected ADDR:PORT"),
         (["--listen", "127.0.0.1:http"], "expected a port number 0..65535"),
         (["--listen", "127.0.0.1:70000"], "expected a port number 0..65535"),
+        # Digits to str.isdigit() but not ASCII: int() refuses the first and reads the second
+        # as 30001. --once, so that a port taken as valid ends the run instead of serving.
+        (["--listen", "127.0.0.1:²", "--once"], "--listen '127.0.0.1:²': expected a port"),
+        (["--listen", "127.0.0.1:٣٠٠٠١", "--once"], "--listen '127.0.0.1:٣٠٠٠١': expected a port"),
         (["--listen", "::1:9490"], "write IPv6 addresses in brackets"),
         (["--listen", "[nope]:9490"], "'nope' is not an IPv6 address"),
         (["--poll-interval", "0"], "expected 0.1 to 3600 seconds"),

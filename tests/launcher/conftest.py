@@ -43,3 +43,14 @@ def namespace_cluster(
             problems.append(str(error))
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def launcher(tmp_path: pathlib.Path, namespace_cluster):
+    """``ugro-launch`` against two SSH nodes, targets in a local folder nobody scrapes."""
+    from .test_launch import Launcher
+
+    cluster = namespace_cluster(2)
+    launcher = Launcher(tmp_path, cluster, tmp_path / "targets", scraped=False)
+    yield launcher
+    launcher.kill_watchers()

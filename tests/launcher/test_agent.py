@@ -552,3 +552,55 @@ def test_stop_leaves_no_process_of_a_real_torchrun_job(jobs, free_port_block, sc
     assert gone([torchrun, *workers])
     assert job_processes(jobs.dir("torchrun")) == []
     assert jobs.status("torchrun")["state"] == "failed"
+
+
+# --------------------------------------------------------------------------- a shared work dir
+
+
+def test_a_symlink_planted_at_the_exporter_log_is_not_followed(tmp_path, exporters):
+    victim = tmp_path / "someone-elses-file"
+    victim.write_text("theirs\n")
+    (tmp_path / "work" / "exporter").mkdir(parents=True)
+    log = tmp_path / "work" / "exporter" / f"{NODE}.log"
+    log.symlink_to(victim)
+    answer = agent_json(
+        "ensure-exporter", "--port", str(free_port()), "--node", NODE,
+        "--workdir", str(tmp_path / "work"),
+    )  # fmt: skip
+    exporters.extend([answer["pid"]] if "pid" in answer else [])
+    assert answer == {
+        "state": "failed",
+        "reason": f"cannot write {log}: {log} is a symbolic link; refusing to write through it",
+    }
+    assert victim.read_text() == "theirs\n"
+
+
+def test_a_work_directory_that_is_a_symlink_or_another_users_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    report = agent_json("preflight", "--workdir", str(link))
+    assert report["problems"] == [f"{link} is a symbolic link, not a directory of its own"]
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # the tests run as root: "nobody" stands for another user
+    report = agent_json("preflight", "--workdir", str(theirs))
+    [problem] = report["problems"]
+    assert problem.startswith(f"{theirs} belongs to uid 65534, not to this user (uid 0)")
+    answer = agent_json(
+        "start", "--job-id", "j", "--node", NODE, "--workdir", str(theirs), "--", "true"
+    )
+    assert answer["state"] == "failed"
+    assert f"{theirs} belongs to uid 65534" in answer["reason"]
+    assert list(theirs.iterdir()) == []
+
+
+def test_work_directories_are_created_private(jobs):
+    jobs.python("private", "pass")
+    jobs.wait_ended("private")
+    for directory in (jobs.workdir, jobs.workdir / "jobs", jobs.dir("private").parent,
+                      jobs.dir("private")):  # fmt: skip
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    assert (jobs.dir("private") / "output.log").stat().st_mode & 0o777 == 0o600

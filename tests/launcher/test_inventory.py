@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
+import socket
+import time
 
+import psutil
 import pytest
 import yaml
 
-from ugro.launcher.inventory import InventoryError, load_inventory
+from ugro.launcher.inventory import (
+    THIS_MACHINE,
+    InventoryError,
+    Node,
+    inventory_from_data,
+    load_inventory,
+    same_machine,
+)
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "launcher" / "inventory.example.yml"
 
@@ -47,6 +58,11 @@ def test_defaults_apply_when_fields_are_left_out(tmp_path):
     assert not inventory.nodes[0].is_local
     local = load_inventory(write(tmp_path, minimal(nodes=[{"name": "me", "host": "localhost"}])))
     assert local.nodes[0].is_local
+    six = load_inventory(write(tmp_path, minimal(nodes=[{"name": "me", "host": "::1"}])))
+    assert six.nodes[0].is_local
+    # ~ is expanded where the path is used on this machine (the Prometheus folder here).
+    here = load_inventory(write(tmp_path, minimal(prometheus={"targets_dir": "~/targets"})))
+    assert here.prometheus.targets_dir == "~/targets"
 
 
 @pytest.mark.parametrize(
@@ -65,6 +81,12 @@ def test_defaults_apply_when_fields_are_left_out(tmp_path):
          "nodes: duplicate name(s) a"),
         (minimal(nodes=[]), "nodes: expected a non-empty list"),
         (minimal(defaults={"python": "python3"}), "defaults.python: expected an absolute path"),
+        (minimal(defaults={"python": "~/venv/bin/python"}),
+         "defaults.python: expected an absolute path, got '~/venv/bin/python': ~ is not expanded"),
+        (minimal(prometheus={"targets_dir": "~/targets", "host": "head"}),
+         "prometheus.targets_dir: expected an absolute path on head, got '~/targets'"),
+        (minimal(nodes=[{"name": "a", "host": "-oProxyCommand=x"}]),
+         "nodes[0].host: expected a host"),
         (minimal(defaults={"workdir": "/tmp/$(id)"}), "defaults.workdir: expected an absolute"),
         (minimal(defaults={"metrics_base_port": 0}), "defaults.metrics_base_port: expected an"),
         (minimal(defaults={"env": {"BAD NAME": "x"}}), "is not an environment name"),
@@ -108,3 +130,62 @@ def test_ranks_run_unbuffered_in_the_jobs_directory_unless_told_otherwise(tmp_pa
     assert plan.environment(buffered.nodes[0])["PYTHONUNBUFFERED"] == ""
     with pytest.raises(InventoryError, match=r"defaults\.chdir: expected an absolute path"):
         load_inventory(write(tmp_path, minimal(defaults={"chdir": "nanogpt"})))
+
+
+def test_a_large_inventory_loads_and_picks_nodes_in_linear_time():
+    # 20,000 nodes: the duplicate-name check and the lookup by name were quadratic (a minute).
+    count = 20_000
+    data = minimal(nodes=[{"name": f"n{i}", "host": f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}"}
+                          for i in range(count)])  # fmt: skip
+    began = time.perf_counter()
+    inventory = inventory_from_data(pathlib.Path("big.yml"), data)
+    picked = [inventory.node(f"n{i}") for i in range(count)]
+    elapsed = time.perf_counter() - began
+    assert picked == list(inventory.nodes)
+    assert elapsed < 3.0, f"{count} nodes took {elapsed:.1f} s"
+    data["nodes"].append({"name": "n7", "host": "h"})
+    with pytest.raises(InventoryError, match=r"big\.yml: nodes: duplicate name\(s\) n7$"):
+        inventory_from_data(pathlib.Path("big.yml"), data)
+
+
+def node(name: str, host: str) -> Node:
+    return Node(name, host, 22, None, None, None)
+
+
+def own_address() -> str | None:
+    """An address of one of this machine's interfaces that is not loopback, if any."""
+    for addresses in psutil.net_if_addrs().values():
+        for each in addresses:
+            if each.family == socket.AF_INET and not ipaddress.ip_address(each.address).is_loopback:
+                return each.address
+    return None
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ("localhost", "127.0.0.1", THIS_MACHINE),
+        ("127.0.0.1", "::1", THIS_MACHINE),
+        ("::1", "localhost", THIS_MACHINE),
+        ("localhost", "127.0.0.2", THIS_MACHINE),  # all of 127/8 is loopback
+        ("10.0.0.11", "10.0.0.11", "10.0.0.11"),
+        ("gpu-b.invalid", "GPU-B.invalid", "gpu-b.invalid"),  # the same name, even unresolved
+    ],
+)
+def test_two_nodes_on_one_machine_are_found(first, second, shared):
+    a, b = node("a", first), node("b", second)
+    assert same_machine([a, node("far", "10.0.0.99"), b]) == (a, b, shared)
+
+
+def test_a_local_node_and_this_machines_own_address_are_one_machine():
+    address = own_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    here, again = node("here", "localhost"), node("again", address)
+    assert same_machine([here, again]) == (here, again, THIS_MACHINE)
+
+
+def test_distinct_and_unresolvable_hosts_are_not_a_clash():
+    nodes = [node("a", "10.0.0.11"), node("b", "10.0.0.12"), node("me", "localhost"),
+             node("x", "nowhere-x.invalid"), node("y", "nowhere-y.invalid")]  # fmt: skip
+    assert same_machine(nodes) is None

@@ -17,12 +17,18 @@ import yaml
 
 from tests.alerts.stack import AlertStack
 from tests.support import wait_for
+from ugro.launcher.agent import START_SETTLE_SECONDS
 
 SMALL_TRAINER = [
     *("-m", "ugro.trainer.train", "--steps", "1000000"),
     *("--width", "64", "--depth", "1", "--batch-size", "8", "--context", "32"),
 ]
 LAUNCH = [sys.executable, "-m", "ugro.launcher.cli"]
+# Rank 1 crashes once the agent counts the job as started (START_SETTLE_SECONDS): a crash
+# inside that window is a failed start, which is another test's subject.
+CRASHING_AFTER_START = [
+    *SMALL_TRAINER, "--fault-rank=1", "--crash-at=30", f"--start-delay={START_SETTLE_SECONDS + 2}"
+]  # fmt: skip
 
 
 class Launcher:
@@ -116,14 +122,6 @@ def job_processes(cluster, job_id: str) -> list:
             except psutil.Error:
                 continue
     return found
-
-
-@pytest.fixture
-def launcher(tmp_path, namespace_cluster):
-    cluster = namespace_cluster(2)
-    launcher = Launcher(tmp_path, cluster, tmp_path / "targets", scraped=False)
-    yield launcher
-    launcher.kill_watchers()
 
 
 def test_two_nodes_two_ranks_each_are_scraped_and_stopped_cleanly(tmp_path, namespace_cluster):
@@ -271,7 +269,7 @@ def test_bad_inventory_is_named_with_its_field(launcher):
 
 
 def test_crashed_node_fails_the_job_stops_the_rest_and_keeps_its_targets(launcher):
-    crashing = [*SMALL_TRAINER, "--fault-rank=1", "--crash-at=30"]
+    crashing = CRASHING_AFTER_START
     started = launcher.run("crashes", "--wait", command=crashing, nproc=1)
     assert started.returncode == 1, started.stderr + started.stdout
     assert "job crashes: failed" in started.stdout
@@ -348,7 +346,7 @@ def test_one_ctrl_c_ends_logs_follow_here_and_on_the_node(launcher):
 
 
 def test_status_says_failed_from_the_nodes_before_the_watcher_has_recorded_it(launcher):
-    crashing = [*SMALL_TRAINER, "--fault-rank=1", "--crash-at=30"]
+    crashing = CRASHING_AFTER_START
     started = launcher.run("crash-seen", command=crashing, nproc=1)
     assert started.returncode == 0, started.stderr + started.stdout
     launcher.kill_watchers()  # nobody records the end: the record says "running"

@@ -189,16 +189,19 @@ def test_errors_inside_telemetry_never_reach_the_training_loop(registry, caplog)
     assert value(registry, "ugro_train_telemetry_errors_total") == 5
     assert "RuntimeError: boom" in caplog.text
     assert "expected a scalar, got a tensor of 3 elements" in caplog.text
-    assert "samples: expected a count >= 0" in caplog.text
+    assert "samples=-4" in caplog.text and "expected a whole number of samples" in caplog.text
+    assert value(registry, "ugro_train_telemetry_rejected_values_total") == 3
 
 
 def test_error_logging_is_rate_limited(registry, caplog):
     telemetry = offline(registry)
     with caplog.at_level(logging.WARNING, logger="ugro.trainer"):
         for _ in range(50):
-            telemetry.step(loss="not a number")
-    assert value(registry, "ugro_train_telemetry_errors_total") == 50
-    assert len(caplog.records) == 5
+            telemetry.step(loss=ExplodingNumber())
+            telemetry.step(loss="not a number")  # a rejected value uses none of the quota
+    assert value(registry, "ugro_train_telemetry_errors_total") == 100
+    assert value(registry, "ugro_train_telemetry_rejected_values_total") == 50
+    assert len(caplog.records) == 5 + 1
 
 
 def test_latest_reports_what_reached_the_host(registry):
@@ -409,3 +412,125 @@ def test_exposition_is_clean_under_promtool(registry, promtool):
     result = promtool(generate_latest(registry).decode())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == ""
+
+
+# Values a training loop must never be able to break telemetry with (issue 14, point 6): each is
+# dropped at the door and counted; the step itself still counts.
+HOSTILE_STEPS = [
+    {"tokens": 1e308},
+    {"tokens": 1e308},  # twice: the sum used to overflow and break every later scrape
+    {"tokens": "5"},
+    {"tokens": True},
+    {"tokens": 2.9},
+    {"samples": -1},
+    {"tokens": float("nan")},
+    {"samples": float("inf")},
+    {"tokens": 2**53 + 2},
+    {"samples": torch.tensor(True)},
+    {"loss": "2.5"},
+    {"grad_norm": False},
+    {"learning_rate": "1e-3"},
+]
+
+
+def test_hostile_values_are_dropped_and_counted_and_the_scrape_stays_valid(
+    registry, scrape_metrics, parse_samples, promtool, caplog
+):
+    import urllib.request
+
+    import numpy as np
+
+    telemetry = served(registry, final_scrape_timeout=0)
+    with caplog.at_level(logging.WARNING, logger="ugro.trainer"):
+        for values in HOSTILE_STEPS:
+            telemetry.step(**values)
+        # Finite but huge: the loss has exploded. Counted as non-finite and kept out of the sum,
+        # which would otherwise stay +Inf for the rest of the run.
+        telemetry.step(loss=1.7e308, grad_norm=-1.7e308)
+        telemetry.step(loss=1.7e308)
+        # Integral counts of any numeric kind are accepted.
+        telemetry.step(loss=2.0, tokens=8.0, samples=np.int64(2), grad_norm=1.0)
+        telemetry.step(tokens=torch.tensor(3), samples=np.float32(1.0), learning_rate=0.5)
+
+    with urllib.request.urlopen(telemetry.metrics_url, timeout=5) as response:
+        assert response.status == 200
+        body = response.read().decode()
+    assert scrape_metrics(telemetry.metrics_url)  # and the next scrape too
+    samples = parse_samples(body)
+    get = lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))))  # noqa: E731
+    assert get("ugro_train_steps_total") == len(HOSTILE_STEPS) + 4
+    assert get("ugro_train_tokens_total") == 8 + 3
+    assert get("ugro_train_samples_total") == 2 + 1
+    assert get("ugro_train_telemetry_rejected_values_total") == len(HOSTILE_STEPS)
+    assert get("ugro_train_telemetry_errors_total") == len(HOSTILE_STEPS)
+    assert get("ugro_train_loss_sum") == 2.0 and get("ugro_train_loss_count") == 1
+    assert get("ugro_train_grad_norm_sum") == 1.0 and get("ugro_train_grad_norm_count") == 1
+    assert get("ugro_train_nonfinite_total", quantity="loss") == 2
+    assert get("ugro_train_nonfinite_total", quantity="grad_norm") == 1
+    assert get("ugro_train_learning_rate") == 0.5
+    assert all(math.isfinite(v) for (name, _), v in samples.items() if not name.endswith("_last"))
+    result = promtool(body)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # One warning per field, naming the field and the value, however often it is repeated.
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 5, warnings
+    assert any("tokens=1e+308" in w and "a whole number" in w for w in warnings), warnings
+    assert any("samples=-1" in w for w in warnings), warnings
+    assert any("loss='2.5'" in w for w in warnings), warnings
+    assert all("\n" not in w for w in warnings)
+    telemetry.close()
+
+
+def test_micro_step_counts_are_validated_too(registry):
+    telemetry = offline(registry)
+    telemetry.micro_step(loss=1.0, tokens=1e308)
+    telemetry.micro_step(loss=3.0, tokens=1e308, samples=True)
+    telemetry.micro_step(tokens=6, samples=2.0)
+    telemetry.step(tokens=10)
+    assert value(registry, "ugro_train_tokens_total") == 16
+    assert value(registry, "ugro_train_samples_total") == 2
+    assert value(registry, "ugro_train_loss_last") == 2.0
+    assert value(registry, "ugro_train_telemetry_rejected_values_total") == 3
+
+
+def test_device_counts_are_validated_once_they_reach_the_host(registry):
+    from tests.trainer.test_device_values import FakeCudaCopies, FakeCudaScalar
+
+    copies = FakeCudaCopies()
+    telemetry = offline(registry, device_copier=copies)
+    telemetry.step(tokens=FakeCudaScalar(2.9), samples=FakeCudaScalar(4.0))
+    telemetry.step(tokens=FakeCudaScalar(float(2**60)), loss=FakeCudaScalar(1.7e308))
+    copies.complete()
+    assert value(registry, "ugro_train_tokens_total") == 0
+    assert value(registry, "ugro_train_samples_total") == 4
+    assert value(registry, "ugro_train_telemetry_rejected_values_total") == 2
+    assert value(registry, "ugro_train_nonfinite_total", quantity="loss") == 1
+    assert value(registry, "ugro_train_loss_sum") == 0
+
+
+def test_a_value_the_scrape_cannot_convert_is_exposed_as_inf_and_counted():
+    from ugro.trainer.metrics import RankMetricsCollector, RankSnapshot
+    from ugro.trainer.stats import RankStats
+
+    stats = RankStats(tokens=10**400, samples=-(10**400))  # state no valid step can reach
+    stats.loss.total = "not a float"
+    snapshot = RankSnapshot(
+        stats=stats,
+        identity={"job_id": "j", "rank": "0", "local_rank": "0", "world_size": "1", "node": "n",
+                  "gpu_uuid": ""},
+        start_time=0.0,
+        end_time=None,
+        target_steps=None,
+        pending_steps=0,
+        cuda_max_memory_allocated_bytes=None,
+    )  # fmt: skip
+    errors: list[BaseException] = []
+    registry = CollectorRegistry()
+    registry.register(RankMetricsCollector(lambda: snapshot, on_error=errors.append))
+    body = generate_latest(registry).decode()
+    assert "ugro_train_tokens_total +Inf" in body
+    assert "ugro_train_samples_total -Inf" in body
+    assert "ugro_train_loss_sum NaN" in body
+    assert "ugro_train_steps_total 0.0" in body
+    assert len(errors) == 3
