@@ -348,3 +348,12 @@ def test_a_bad_url_from_the_environment_names_the_variable(capsys, monkeypatch):
         "ugro report: $UGRO_PROMETHEUS_URL 'prometheus.example': expected an http:// or "
         "https:// URL with a host, e.g. http://localhost:9090\n"
     )
+
+
+@pytest.mark.parametrize("verb", ["report", "watch", "compare"])
+def test_a_job_id_ending_in_a_newline_is_refused(capsys, verb):
+    # A pattern's $ also matches before a final newline; job ids are matched whole.
+    extra = ["other-job"] if verb == "compare" else []
+    code, out, err = ugro(capsys, "--prometheus=http://127.0.0.1:9", verb, "job\n", *extra)
+    assert (code, out) == (2, "")
+    assert "'job\\n'" in err

@@ -77,3 +77,11 @@ def test_a_python_under_home_is_refused_with_the_full_path_asked_for(tmp_path):
     line = refused(tmp_path, [{"name": "here", "host": "localhost"}], python="~/venv/bin/python")
     assert "defaults.python: expected an absolute path, got '~/venv/bin/python'" in line
     assert "write the full path" in line
+
+
+@pytest.mark.parametrize("flag", ["--job-id=ok\n", "--chdir=/srv/run\n"])
+def test_a_value_ending_in_a_newline_is_refused(tmp_path, flag):
+    # re.match with ^...$ accepts "ok\n": the job would create a directory and a label with a
+    # newline in it. Every pattern matches the whole value.
+    line = refused(tmp_path, [{"name": "here", "host": "localhost"}], flag)
+    assert repr(flag.split("=", 1)[1]) in line

@@ -88,6 +88,11 @@ def test_defaults_apply_when_fields_are_left_out(tmp_path):
         (minimal(nodes=[{"name": "a", "host": "-oProxyCommand=x"}]),
          "nodes[0].host: expected a host"),
         (minimal(defaults={"workdir": "/tmp/$(id)"}), "defaults.workdir: expected an absolute"),
+        # A pattern's $ also matches before a final newline: every pattern must match whole.
+        (minimal(defaults={"workdir": "/work\n"}), "defaults.workdir: expected an absolute"),
+        (minimal(nodes=[{"name": "a\n", "host": "h"}]), "nodes[0].name: expected a node name"),
+        (minimal(nodes=[{"name": "a", "host": "h\n"}]), "nodes[0].host: expected a host"),
+        (minimal(defaults={"env": {"A\n": "x"}}), "is not an environment name"),
         (minimal(defaults={"metrics_base_port": 0}), "defaults.metrics_base_port: expected an"),
         (minimal(defaults={"env": {"BAD NAME": "x"}}), "is not an environment name"),
         (minimal(defaults={"env": {"A": "two\nlines"}}), "defaults.env.A: expected a one-line"),

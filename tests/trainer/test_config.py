@@ -68,6 +68,8 @@ def test_port_zero_means_any_free_port_for_every_rank():
         ("WORLD_SIZE", "0", "WORLD_SIZE='0': expected an integer >= 1"),
         ("LOCAL_RANK", "1.5", "LOCAL_RANK='1.5'"),
         ("UGRO_JOB_ID", "bad job;rm -rf", "UGRO_JOB_ID='bad job;rm -rf'"),
+        ("UGRO_JOB_ID", "abc\n", "UGRO_JOB_ID='abc\\n'"),  # a pattern's $ allows a final \n
+        ("UGRO_NODE", "a\n", "UGRO_NODE='a\\n'"),
         ("UGRO_NODE", "a b", "UGRO_NODE='a b'"),
         ("UGRO_METRICS_ADDR", "", "UGRO_METRICS_ADDR=''"),
         ("UGRO_METRICS_ON_PORT_TAKEN", "retry", "expected one of continue, fail"),
@@ -93,6 +95,10 @@ def test_a_bad_explicit_argument_is_named_as_an_argument():
         TelemetryConfig.resolve({}, metrics_port=-5)
     with pytest.raises(TelemetryConfigError, match="total_steps=0"):
         TelemetryConfig.resolve({}, total_steps=0)
+    with pytest.raises(TelemetryConfigError, match=r"gpu_uuid='GPU-a\\n'"):
+        TelemetryConfig.resolve({}, gpu_uuid="GPU-a\n")
+    with pytest.raises(TelemetryConfigError, match=r"UGRO_JOB_ID='abc\\n'"):
+        TelemetryConfig.resolve({}, job_id="abc\n")
 
 
 def test_gpu_uuids_name_each_local_ranks_gpu_and_an_argument_wins():
