@@ -28,7 +28,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from tests.alerts.stack import AlertStack, TrainingJob
+from tests.support.stack import AlertStack
+from tests.support.training import TrainingJob
 
 INJECTED = re.compile(r"injected non-finite loss at step \d+ \(unix time ([0-9.]+)\)")
 TRAINER_ARGS = [

@@ -225,10 +225,9 @@ class Demo:
         self.stage(f"ugro watch {self.job_id} (until the job ends; Ctrl-C stops the demo)")
         prometheus = Prometheus(self.stack.prometheus_url, timeout=5)
         alertmanager = Alertmanager(self.stack.alertmanager_url, timeout=5)
-        rules = watch.StatusRules.load()
 
         def snapshot() -> watch.JobSnapshot:
-            return watch.gather(self.job_id, prometheus, alertmanager, rules)
+            return watch.gather(self.job_id, prometheus, alertmanager)
 
         if self.console.is_terminal:
             return watch.watch(snapshot, self.console, self.args.interval, until_done=True)

@@ -10,6 +10,7 @@ notification. Email is left out: there is no mail server to send to.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import pathlib
@@ -25,13 +26,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 
-from ugro.alerts.__main__ import render as render_alert_rules
+from ugro.alerts.rules_file import render as render_alert_rules
 
-# The repository's configuration. An editable install (make setup) reads it in place.
-REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
-PROMETHEUS_CONFIG = REPOSITORY / "prometheus" / "prometheus.yml"
-RECORDING_RULES = REPOSITORY / "prometheus" / "rules" / "recording.yml"
-ALERTMANAGER_CONFIG = REPOSITORY / "alerts" / "alertmanager.yml"
+# The shipped configuration, found through the installed packages: the checkout's files in an
+# editable install (make setup), the package data of a wheel. Plain files either way, as
+# Prometheus and Alertmanager read them by path.
+PROMETHEUS_DIR = pathlib.Path(str(importlib.resources.files("ugro.prometheus")))
+PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+RECORDING_RULES = PROMETHEUS_DIR / "rules" / "recording.yml"
+ALERTS_DIR = pathlib.Path(str(importlib.resources.files("ugro.alerts")))
+ALERTMANAGER_CONFIG = ALERTS_DIR / "alertmanager.yml"
 
 # A fault should reach the terminal within seconds: scrape and evaluate every 2 s, and keep
 # the windows an alert waits short. Thresholds themselves stay as configured.

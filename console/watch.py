@@ -5,18 +5,19 @@ job's ranks, against the recording rules the Grafana dashboard and the alerts re
 job's alerts from Alertmanager — and draws it with Rich. Gathering (``gather``) talks to the
 servers; drawing (``render``) is a pure function of a snapshot.
 
-How a rank's status is decided (first match wins), with thresholds from alerts/thresholds.yml:
+How a rank's status is decided (first match wins). The conditions are the alerts' own
+recorded series (ugro.catalogue.conditions), so the view and the alerts cannot disagree and no
+threshold is restated here:
 
 * ``finished``   its last known step count reached the run's target steps, or it closed its
                  telemetry normally (``ugro_train_end_time_seconds``);
 * ``down``       Prometheus cannot scrape it (``up == 0``) although it answered before and did
                  not say it finished (as ``job_rank:ugro_train_down:bool`` records);
 * ``gone``       it has no scrape target any more (the job's targets were removed);
-* ``stalled``    no step for longer than the stall alert allows (stall_step_multiple × its mean
-                 step time, at least stall_min_seconds);
-* ``non-finite`` its last loss is NaN/±Inf, or a non-finite loss or gradient norm was counted
-                 within nonfinite_window;
-* ``straggler``  its straggler score is below straggler_ratio;
+* ``stalled``    its stall condition holds (no step for longer than the stall alert allows);
+* ``non-finite`` its last loss is NaN/±Inf, or its non-finite condition holds (a NaN/Inf loss
+                 or gradient norm counted within the alert's window);
+* ``straggler``  its straggler condition holds (score below the alert's ratio);
 * ``starting``   it has not answered a scrape yet, or has completed no step; ``ok`` otherwise.
 
 The job is ``waiting`` while Prometheus has no series for it, ``starting`` while no rank has
@@ -45,6 +46,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ugro.catalogue import conditions
+from ugro.catalogue.names import RANKS
 from ugro.launcher import records
 from ugro.launcher.records import JOB_ID, JOB_ID_EXPECTED
 
@@ -58,6 +61,8 @@ QUERY_TIMEOUT_SECONDS = 5.0
 # The window of the recorded rates (job_rank:…:rate1m): a younger job's rates count time before
 # it existed.
 RATE_WINDOW_SECONDS = 60.0
+# Queries whose answer is which ranks a condition holds for, not a value.
+CONDITIONS = ("stalled", "straggling")
 # `--until-done` exit codes, by how the job ended (documented in `ugro watch --help`).
 OUTCOME_CODES = {"finished": 0, "failed": 1, "stopped": 3, "ended": 4}
 
@@ -82,35 +87,6 @@ STATUS_STYLES = {
 SEVERITY_STYLES = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 MISSING = "–"
-
-
-# -- thresholds -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StatusRules:
-    """The alert thresholds a rank's status uses (see alerts/thresholds.yml)."""
-
-    straggler_ratio: float = 0.8
-    stall_step_multiple: float = 10
-    stall_min_seconds: float = 120
-    nonfinite_window: str = "1m"  # a Prometheus duration
-
-    @classmethod
-    def load(cls) -> StatusRules:
-        """The values in alerts/thresholds.yml; the defaults above when it cannot be read."""
-        from ugro.alerts.thresholds import ThresholdsError, load_thresholds
-
-        try:
-            thresholds = load_thresholds()
-            return cls(
-                straggler_ratio=float(thresholds["training.straggler_ratio"]),
-                stall_step_multiple=float(thresholds["training.stall_step_multiple"]),
-                stall_min_seconds=float(thresholds["training.stall_min_seconds"]),
-                nonfinite_window=str(thresholds["training.nonfinite_window"]),
-            )
-        except (ThresholdsError, KeyError):
-            return cls()
 
 
 # -- the snapshot -----------------------------------------------------------------------------
@@ -138,7 +114,9 @@ class RankState:
     step_seconds_lifetime: float | None = None  # mean over the rank's life (the stall base)
     steps_per_second: float | None = None
     straggler_score: float | None = None  # 1 = the job's median rank
-    recent_nonfinite: float | None = None  # non-finite steps within the rules' window
+    recent_nonfinite: float | None = None  # non-finite steps within the alert's window
+    stalled: bool = False  # the stall condition holds
+    straggling: bool = False  # the straggler condition holds
 
 
 @dataclass(frozen=True)
@@ -229,7 +207,7 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def rank_status(rank: RankState, rules: StatusRules) -> str:
+def rank_status(rank: RankState) -> str:
     """The rank's status, as described in the module docstring."""
     if rank.steps is not None and rank.target_steps and rank.steps >= rank.target_steps:
         return "finished"
@@ -239,16 +217,13 @@ def rank_status(rank: RankState, rules: StatusRules) -> str:
         return "down" if rank.answered else "starting"
     if rank.up is None:
         return "gone"
-    if rank.seconds_since_step is not None:
-        mean = rank.step_seconds_lifetime if _finite(rank.step_seconds_lifetime) else 0.0
-        allowed = max(rules.stall_step_multiple * mean, rules.stall_min_seconds)
-        if rank.seconds_since_step > allowed:
-            return "stalled"
+    if rank.stalled:
+        return "stalled"
     if (rank.loss_last is not None and not math.isfinite(rank.loss_last)) or (
         rank.recent_nonfinite or 0
     ) > 0:
         return "non-finite"
-    if _finite(rank.straggler_score) and rank.straggler_score < rules.straggler_ratio:
+    if rank.straggling:
         return "straggler"
     if not rank.steps:
         return "starting"
@@ -276,16 +251,15 @@ def job_status(ranks: list[RankState]) -> str:
 # -- gathering --------------------------------------------------------------------------------
 
 
-def _queries(job_id: str, rules: StatusRules) -> dict[str, str]:
+def _queries(job_id: str) -> dict[str, str]:
     """One PromQL expression per quantity; each returns at most one series per rank."""
     j = f'job_id="{job_id}"'
-    window = rules.nonfinite_window
 
     def last(metric: str) -> str:
         return f"last_over_time({metric}{{{j}}}[{LOOKBACK}])"
 
     return {
-        "up": f'up{{job="ugro-ranks",{j}}}',
+        "up": f"up{{{RANKS},{j}}}",
         "info": last("ugro_train_rank_info"),
         "steps": last("ugro_train_steps_total"),
         "target_steps": last("ugro_train_target_steps"),
@@ -301,10 +275,13 @@ def _queries(job_id: str, rules: StatusRules) -> dict[str, str]:
         "step_seconds_lifetime": f"job_rank:ugro_train_step_duration_seconds:mean{{{j}}}",
         "steps_per_second": f"job_rank:ugro_train_steps:rate1m{{{j}}}",
         "straggler_score": f"job_rank:ugro_train_straggler_score:ratio{{{j}}}",
+        # 0 for a rank that steps without non-finite values: absent means none.
         "recent_nonfinite": (
-            f"sum by (rank) (max_over_time(ugro_train_nonfinite_total{{{j}}}[{window}])"
-            f" - min_over_time(ugro_train_nonfinite_total{{{j}}}[{window}]))"
+            f"sum by (rank) ({conditions.NONFINITE}{{{j}}})"
+            f" or sum by (rank) (ugro_train_steps_total{{{j}}}) * 0"
         ),
+        "stalled": f"group by (rank) ({conditions.STALLED}{{{j}}})",
+        "straggling": f"group by (rank) ({conditions.STRAGGLER}{{{j}}})",
         "gpu_utilization": f"avg by (rank) (job_rank:ugro_gpu_utilization:ratio{{{j}}})",
         "job_tokens_per_second": f"job:ugro_train_tokens:rate1m{{{j}}}",
         "job_loss_mean": f"job:ugro_train_loss:mean5m{{{j}}}",
@@ -358,9 +335,7 @@ def _alert_states(alerts: list[dict]) -> list[AlertState]:
     return states
 
 
-def gather(
-    job_id: str, prometheus: Prometheus, alertmanager: Alertmanager, rules: StatusRules
-) -> JobSnapshot:
+def gather(job_id: str, prometheus: Prometheus, alertmanager: Alertmanager) -> JobSnapshot:
     """One snapshot of the job. Never raises for a server that is down or answers an error:
     the snapshot carries the message instead."""
     taken_at = time.time()
@@ -374,7 +349,7 @@ def gather(
 
     results: dict[str, list[dict]] = {}
     try:
-        for name, expr in _queries(job_id, rules).items():
+        for name, expr in _queries(job_id).items():
             results[name] = prometheus.query(expr)
     except (Unreachable, QueryError) as error:
         return JobSnapshot(
@@ -435,6 +410,8 @@ def gather(
             if rank is not None and (name == "loss_last" or math.isfinite(value)):
                 facts.setdefault(rank, {})[name] = value
 
+    # Conditions: a rank is flagged while its condition series exists.
+    flagged = {name: {_rank_of(sample) for sample in results[name]} for name in CONDITIONS}
     ranks = []
     for rank in sorted(facts):
         known = facts[rank]
@@ -444,12 +421,15 @@ def gather(
             up=known.get("up"),
             answered=rank in answered,
             ended="ended_at" in known,
+            # A step scraped while this snapshot was being gathered is 0 s old, not less.
             seconds_since_step=(
-                taken_at - known["last_step_at"] if "last_step_at" in known else None
+                max(0.0, taken_at - known["last_step_at"]) if "last_step_at" in known else None
             ),
+            stalled=rank in flagged["stalled"],
+            straggling=rank in flagged["straggling"],
             **{name: known[name] for name in per_rank if name in known},
         )
-        ranks.append(replace(state, status=rank_status(state, rules)))
+        ranks.append(replace(state, status=rank_status(state)))
 
     def job_value(name: str) -> float | None:
         value = _number(results[name][0]) if results[name] else math.nan
@@ -740,12 +720,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     prometheus = Prometheus(args.prometheus, timeout=QUERY_TIMEOUT_SECONDS)
     alertmanager = Alertmanager(args.alertmanager, timeout=QUERY_TIMEOUT_SECONDS)
-    rules = StatusRules.load()
 
     def snapshot() -> JobSnapshot:
-        return with_record(
-            gather(args.job, prometheus, alertmanager, rules), recorded_end(args.job)
-        )
+        return with_record(gather(args.job, prometheus, alertmanager), recorded_end(args.job))
 
     console = Console()
     try:

@@ -14,7 +14,7 @@ import pathlib
 import sys
 import warnings
 
-from ugro.alerts.thresholds import ThresholdsError, load_thresholds
+from ugro.catalogue.thresholds import ThresholdsError, load_thresholds
 
 DASHBOARDS_DIR = pathlib.Path(__file__).resolve().parent / "dashboards"
 

@@ -1,8 +1,10 @@
 """The cluster health dashboard (uid ``ugro-cluster``): every node and GPU, whatever job runs.
 
 Series come from each node's ``ugro-exporter`` (scrape job ``ugro-nodes``), labelled with
-``node`` and, for GPUs, ``gpu`` (the NVML index) and ``gpu_uuid``. Thresholds drawn on graphs
-are the alerts' own (alerts/thresholds.yml).
+``node`` and, for GPUs, ``gpu`` (the NVML index) and ``gpu_uuid``. Ratios are the recorded ones,
+states the alerts fire on are read from their condition series (ugro.catalogue.conditions), and
+thresholds drawn on graphs are the alerts' own (alerts/thresholds.yml), so the dashboard never
+restates a condition.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.models import dashboard as model
 
-from ugro.alerts.thresholds import Thresholds
+from ugro.catalogue import conditions, names
+from ugro.catalogue.thresholds import Thresholds
 
 from . import presets as p
 
@@ -28,7 +31,7 @@ def nodes_up():
         "Nodes up",
         "Node exporters answering Prometheus's scrapes.",
         p.COUNT,
-        f'sum(up{{job="ugro-nodes", {NODES}}})',
+        f"sum(up{{{names.NODES}, {NODES}}})",
     )
 
 
@@ -44,9 +47,10 @@ def gpus_up():
 def gpus_lost():
     return p.single_value(
         "GPUs lost",
-        "GPUs NVML reports lost (GPU_IS_LOST or UNKNOWN): they need a reset or a reboot.",
+        "GPUs NVML reports lost (GPU_IS_LOST or UNKNOWN), as the GPU-lost alert counts them: "
+        "they need a reset or a reboot.",
         p.COUNT,
-        f"count(ugro_gpu_up{{{NODES}}} == 0) or vector(0)",
+        f"count({conditions.GPU_LOST}{{{NODES}}}) or vector(0)",
         red_from=1,
     )
 
@@ -95,12 +99,10 @@ def gpu_memory(thresholds: Thresholds):
         "Device memory in use over memory installed, per GPU. The dashed line is the "
         "memory-full alert's threshold.",
         p.RATIO,
-        p.query(
-            f"ugro_gpu_memory_used_bytes{{{NODES}}} / ugro_gpu_memory_total_bytes{{{NODES}}}", GPU
-        ),
+        p.query(f"gpu:ugro_gpu_memory_used:ratio{{{NODES}}}", GPU),
         minimum=0,
         maximum=1,
-        threshold=thresholds["gpu.memory_full_ratio"],
+        threshold=thresholds.gpu.memory_full_ratio,
     )
 
 
@@ -110,7 +112,7 @@ def gpu_temperature(thresholds: Thresholds):
         "Core temperature per GPU. The dashed line is the temperature warning.",
         p.CELSIUS,
         p.query(f"ugro_gpu_temperature_celsius{{{NODES}}}", GPU),
-        threshold=thresholds["gpu.temperature_warning_celsius"],
+        threshold=thresholds.gpu.temperature_warning_celsius,
     )
 
 
@@ -137,11 +139,14 @@ def gpu_sm_clock():
 def gpu_throttling():
     return p.graph(
         "GPUs throttled, by reason",
-        "How many GPUs of each node have each clock-event (throttle) reason active; idle is "
-        "left out.",
+        "How many GPUs of each node are throttled by power or heat, by reason (power cap, "
+        "thermal or hardware slowdown): the state the throttling alert fires on once it lasts. "
+        "Idle and clock settings are not throttling.",
         p.COUNT,
         p.query(
-            f'sum by (node, reason) (ugro_gpu_clock_event_active{{{NODES}, reason!="gpu_idle"}})',
+            f"count by (node, reason) ({conditions.GPU_THROTTLED}{{{NODES}}})"
+            # 0 for a node with none throttled: the recorded series exists only while throttled.
+            f" or on (node) (max by (node) (ugro_gpu_up{{{NODES}}}) * 0)",
             "{{node}} {{reason}}",
         ),
         minimum=0,
@@ -191,7 +196,7 @@ def cpu_utilization(thresholds: Thresholds):
         p.query(f"node:ugro_node_cpu_utilization:ratio5m{{{NODES}}}", "{{node}}"),
         minimum=0,
         maximum=1,
-        threshold=thresholds["node.cpu_saturation_ratio"],
+        threshold=thresholds.node.cpu_saturation_ratio,
     )
 
 
@@ -210,11 +215,7 @@ def memory_used():
         "Memory used",
         "Memory in use (total minus available) over total, and swap in use.",
         p.RATIO,
-        p.query(
-            f"ugro_node_memory_used_bytes{{{NODES}}} / ugro_node_memory_total_bytes{{{NODES}}}",
-            "{{node}} memory",
-            "A",
-        ),
+        p.query(f"1 - node:ugro_node_memory_available:ratio{{{NODES}}}", "{{node}} memory", "A"),
         p.query(f"ugro_node_swap_used_bytes{{{NODES}}}", "{{node}} swap bytes", "B"),
         minimum=0,
     ).override_by_regexp(".* swap bytes", [model.DynamicConfigValue(id_val="unit", value="bytes")])
@@ -225,14 +226,10 @@ def disk_free(thresholds: Thresholds):
         "Disk free",
         "Free space over size per filesystem. The dashed line is the disk-full warning.",
         p.RATIO,
-        p.query(
-            f"ugro_node_filesystem_free_bytes{{{NODES}}}"
-            f" / ugro_node_filesystem_size_bytes{{{NODES}}}",
-            "{{node}} {{mountpoint}}",
-        ),
+        p.query(f"node:ugro_node_filesystem_free:ratio{{{NODES}}}", "{{node}} {{mountpoint}}"),
         minimum=0,
         maximum=1,
-        threshold=thresholds["node.disk_free_warning_ratio"],
+        threshold=thresholds.node.disk_free_warning_ratio,
     )
 
 

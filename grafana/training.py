@@ -2,8 +2,10 @@
 diverging, are its GPUs busy and healthy, is anything firing.
 
 Rank series carry the target labels ``job_id``, ``rank`` and ``node``; a rank's GPU readings
-come from the node exporter joined on ``gpu_uuid`` with ``ugro_train_rank_info``, as in the
-recording rules. Thresholds drawn on graphs are the alerts' own (alerts/thresholds.yml).
+are the recorded per-rank GPU series (the node exporter's, joined on ``gpu_uuid`` with
+``ugro_train_rank_info``). States the alerts fire on are read from their condition series
+(ugro.catalogue.conditions), and thresholds drawn on graphs are the alerts' own
+(alerts/thresholds.yml), so the dashboard never restates a condition.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.models import dashboard as model
 
-from ugro.alerts.thresholds import Thresholds
+from ugro.catalogue import conditions
+from ugro.catalogue.promql import on_rank_gpus
+from ugro.catalogue.thresholds import Thresholds
 
 from . import presets as p
 
@@ -19,13 +23,20 @@ UID = "ugro-training"
 
 JOB = 'job_id="$job_id"'
 RANKS = 'job_id="$job_id", node=~"$node", rank=~"$rank"'
-RANK_GPUS = f'ugro_train_rank_info{{{RANKS}, gpu_uuid!=""}}'
 RANK = "rank {{rank}}"
 
 
-def on_rank_gpus(exporter_expr: str) -> str:
-    """An exporter GPU series, given the job_id and rank of the rank that uses each GPU."""
-    return f"{exporter_expr} * on (gpu_uuid) group_left (job_id, rank) {RANK_GPUS}"
+def of_chosen_ranks(exporter_expr: str) -> str:
+    """A GPU reading with no recorded per-rank series, joined to ranks as the recording rules
+    join theirs (``on_rank_gpus``) and kept to the chosen ranks: a join's result takes no label
+    matchers, so the selection is a second join on the rank's info series."""
+    return f"{on_rank_gpus(exporter_expr)} and on (job_id, rank) ugro_train_rank_info{{{RANKS}}}"
+
+
+def or_zero_per_rank(expr: str, rank_series: str) -> str:
+    """``expr``, or 0 for each chosen rank it has no series for: a condition series exists only
+    while its state holds, and a graph of nothing reads as "no data" rather than "none"."""
+    return f"{expr} or on (rank) (max by (rank) ({rank_series}{{{RANKS}}}) * 0)"
 
 
 def firing(selector: str) -> str:
@@ -181,7 +192,7 @@ def straggler_score(thresholds: Thresholds):
         p.NO_UNIT,
         p.query(f"job_rank:ugro_train_straggler_score:ratio{{{RANKS}}}", RANK),
         minimum=0,
-        threshold=thresholds["training.straggler_ratio"],
+        threshold=thresholds.training.straggler_ratio,
     )
 
 
@@ -198,14 +209,19 @@ def data_wait():
     )
 
 
-def nonfinite_steps():
+def nonfinite_steps(thresholds: Thresholds):
+    window = thresholds.training.nonfinite_window
     return p.graph(
         "Non-finite steps",
-        "Steps whose loss or gradient norm was NaN or infinite, per rank and quantity, over "
-        "the rate interval. Any is a critical alert.",
+        f"Steps whose loss or gradient norm was NaN or infinite, per rank and quantity, within "
+        f"the last {window}: the count the critical alert fires on, exact (a rank's first "
+        "event counts too).",
         p.COUNT,
         p.query(
-            f"increase(ugro_train_nonfinite_total{{{RANKS}}}[$__rate_interval])",
+            or_zero_per_rank(
+                f"sum by (rank, quantity) ({conditions.NONFINITE}{{{RANKS}}})",
+                "ugro_train_steps_total",
+            ),
             "rank {{rank}} {{quantity}}",
         ),
         minimum=0,
@@ -242,7 +258,7 @@ def gpu_memory():
         "Device memory in use on each rank's GPU, and the memory installed.",
         p.BYTES,
         p.query(f"job_rank:ugro_gpu_memory_used:bytes{{{RANKS}}}", "rank {{rank}} used", "A"),
-        p.query(on_rank_gpus("ugro_gpu_memory_total_bytes"), "rank {{rank}} total", "B"),
+        p.query(of_chosen_ranks("ugro_gpu_memory_total_bytes"), "rank {{rank}} total", "B"),
         minimum=0,
     )
 
@@ -253,7 +269,7 @@ def gpu_temperature(thresholds: Thresholds):
         "Core temperature of each rank's GPU. The dashed line is the temperature warning.",
         p.CELSIUS,
         p.query(f"job_rank:ugro_gpu_temperature:celsius{{{RANKS}}}", RANK),
-        threshold=thresholds["gpu.temperature_warning_celsius"],
+        threshold=thresholds.gpu.temperature_warning_celsius,
     )
 
 
@@ -262,8 +278,8 @@ def gpu_power():
         "GPU power",
         "Board power draw of each rank's GPU, and its enforced power limit.",
         p.WATTS,
-        p.query(on_rank_gpus("ugro_gpu_power_watts"), "rank {{rank}}", "A"),
-        p.query(on_rank_gpus("ugro_gpu_power_limit_watts"), "rank {{rank}} limit", "B"),
+        p.query(of_chosen_ranks("ugro_gpu_power_watts"), "rank {{rank}}", "A"),
+        p.query(of_chosen_ranks("ugro_gpu_power_limit_watts"), "rank {{rank}} limit", "B"),
         minimum=0,
     )
 
@@ -271,12 +287,14 @@ def gpu_power():
 def gpu_throttling():
     return p.states(
         "GPU throttling",
-        "Clock-event (throttle) reasons active on each rank's GPU; idle is left out. Power "
-        "cap, thermal and hardware slowdowns cost throughput.",
+        "Whether each rank's GPU is throttled by power or heat (power cap, thermal or "
+        "hardware slowdown), and by which reason while it is: the state the throttling alert "
+        "fires on once it lasts. Idle and clock settings are not throttling.",
         p.query(
-            "max by (rank, reason) ("
-            + on_rank_gpus('ugro_gpu_clock_event_active{reason!="gpu_idle"}')
-            + ")",
+            or_zero_per_rank(
+                f"max by (rank, reason) (job_rank:ugro_gpu_throttled:bool{{{RANKS}}})",
+                "job_rank:ugro_gpu_utilization:ratio",
+            ),
             "rank {{rank}} {{reason}}",
         ),
         ok="not active",
@@ -377,7 +395,7 @@ def dashboard(thresholds: Thresholds) -> dash.Dashboard:
                 step_time(),
                 straggler_score(thresholds),
                 data_wait(),
-                nonfinite_steps(),
+                nonfinite_steps(thresholds),
                 since_last_step(),
             ],
         ),

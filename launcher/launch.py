@@ -29,6 +29,11 @@ from .targets import LocalTargets, RankEndpoint, RemoteTargets
 
 Print = Callable[[str], None]
 STOP_GRACE_SECONDS = 10.0
+# The job's watcher runs as ``python -m WATCHER_MODULE JOB``. A watcher started by a version
+# before the module's rename runs as the older name and may still follow a job after an
+# upgrade: stopping it must find it under either.
+WATCHER_MODULE = "ugro.launcher.follower"
+WATCHER_MODULES = (WATCHER_MODULE, "ugro.launcher.watch")
 
 
 class LaunchError(RuntimeError):
@@ -345,9 +350,9 @@ def _per_node(what: str, problems: dict[str, Exception]) -> str:
 
 
 def start_watcher(record: records.JobRecord, options: SshOptions) -> int:
-    """A detached local process that follows the job to its end (see watch.py)."""
+    """A detached local process that follows the job to its end (see follower.py)."""
     log = records.state_dir() / f"{record.job_id}.watch.log"
-    args = [sys.executable, "-m", "ugro.launcher.watch", record.job_id]
+    args = [sys.executable, "-m", WATCHER_MODULE, record.job_id]
     args += [f"--known-hosts={options.known_hosts}"]
     if options.accept_new_host_keys:
         args.append("--accept-new-host-keys")
@@ -434,7 +439,8 @@ def stop_watcher(record: records.JobRecord) -> bool:
         return False
     try:
         process = psutil.Process(record.watcher_pid)
-        if "ugro.launcher.watch" in process.cmdline() and record.job_id in process.cmdline():
+        cmdline = process.cmdline()
+        if any(name in cmdline for name in WATCHER_MODULES) and record.job_id in cmdline:
             process.terminate()
             return True
     except psutil.Error:

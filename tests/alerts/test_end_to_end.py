@@ -1,8 +1,8 @@
 """Faults in a real 2-rank torchrun job reach Slack and email through the real Prometheus and
 Alertmanager; a job that finishes normally reaches nobody.
 
-Timings come from the test overlay in stack.py (1 s intervals, short `for:`); every rule,
-route, inhibition and template is the project's own.
+Timings come from the test overlay in tests/support/stack.py (1 s intervals, short `for:`);
+every rule, route, inhibition and template is the project's own.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import time
 
 import pytest
 
-from tests.alerts.stack import AlertStack, TrainingJob, fake_gpu_exporter, http_json
 from tests.support import wait_for
+from tests.support.fake_gpu import fake_gpu_exporter
+from tests.support.models import SMALL_MODEL
+from tests.support.net import http_json
+from tests.support.stack import AlertStack
+from tests.support.training import TrainingJob
 from ugro.console.localstack import LOCAL_THRESHOLDS
 
-SMALL_MODEL = ["--batch-size", "8", "--context", "32", "--width", "64", "--depth", "1"]
 LONG_RUN = ["--steps", "1000000"]  # stopped by the test
 
 

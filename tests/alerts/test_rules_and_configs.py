@@ -27,8 +27,9 @@ import pytest
 import yaml
 
 from ugro.alerts import __main__ as alerts_cli
-from ugro.alerts.__main__ import render
-from ugro.alerts.thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
+from ugro.alerts.rules_file import render
+from ugro.catalogue.conditions import STRAGGLER
+from ugro.catalogue.thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
@@ -132,7 +133,16 @@ def rule_groups(path: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def alert_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups(ALERT_RULES) for rule in group["rules"]]
+    """The alerting rules of the alert rule file (its groups also hold the conditions)."""
+    return [
+        rule for group in rule_groups(ALERT_RULES) for rule in group["rules"] if "alert" in rule
+    ]
+
+
+def condition_rules() -> list[dict[str, Any]]:
+    return [
+        rule for group in rule_groups(ALERT_RULES) for rule in group["rules"] if "record" in rule
+    ]
 
 
 def recording_rules() -> list[dict[str, Any]]:
@@ -418,25 +428,41 @@ def test_rules_yml_is_up_to_date() -> None:
     assert result.returncode == 0, shown(result)
 
 
-def rule_named(text: str, alertname: str) -> dict[str, Any]:
+def rule_named(text: str, name: str) -> dict[str, Any]:
+    """The alert, or the condition (recording rule), called ``name``."""
     for group in yaml.safe_load(text)["groups"]:
         for rule in group["rules"]:
-            if rule["alert"] == alertname:
+            if name in (rule.get("alert"), rule.get("record")):
                 return rule
-    raise AssertionError(f"{alertname} not in the rendered rules")
+    raise AssertionError(f"{name} not in the rendered rules")
 
 
 def test_a_threshold_override_changes_the_rendered_rule() -> None:
-    default = rule_named(render(), "TrainingStragglerRank")
-    assert default["expr"] == "job_rank:ugro_train_straggler_score:ratio < 0.8"
-    assert default["for"] == "5m"
-    changed = rule_named(
-        render(**{"training.straggler_ratio": 0.5, "training.straggler_for": "1m"}),
-        "TrainingStragglerRank",
+    default = render()
+    condition = rule_named(default, STRAGGLER)
+    assert condition["expr"] == "job_rank:ugro_train_straggler_score:ratio < 0.8"
+    alert = rule_named(default, "TrainingStragglerRank")
+    assert alert["expr"] == STRAGGLER  # the alert is its condition, held for `for:`
+    assert alert["for"] == "5m"
+    changed = render(**{"training.straggler_ratio": 0.5, "training.straggler_for": "1m"})
+    assert rule_named(changed, STRAGGLER)["expr"] == (
+        "job_rank:ugro_train_straggler_score:ratio < 0.5"
     )
-    assert changed["expr"] == "job_rank:ugro_train_straggler_score:ratio < 0.5"
-    assert changed["for"] == "1m"
-    assert "(below 0.5)" in changed["annotations"]["description"]
+    changed_alert = rule_named(changed, "TrainingStragglerRank")
+    assert changed_alert["for"] == "1m"
+    assert "(below 0.5)" in changed_alert["annotations"]["description"]
+
+
+def test_every_alert_is_a_condition_held_for_a_while() -> None:
+    """No alert restates a PromQL condition: each expression is one condition series (or a
+    recorded state), which the console and the dashboards read too."""
+    recorded = {rule["record"] for rule in recording_rules()} | {
+        rule["record"] for rule in condition_rules()
+    }
+    for rule in alert_rules():
+        assert rule["expr"] in recorded, f"{rule['alert']}: {rule['expr']!r} is not a series"
+    conditions = [rule["expr"] for rule in condition_rules()]
+    assert len(conditions) == len(set(conditions)), "a condition is written twice"
 
 
 def test_an_unknown_override_is_refused() -> None:
@@ -545,14 +571,11 @@ def test_a_bad_thresholds_file_names_the_file_and_the_field(
 
 
 def test_the_cli_reports_a_bad_thresholds_file_in_one_line(
-    thresholds_file: WriteThresholds,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    thresholds_file: WriteThresholds, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A user's mistake is one actionable line and exit code 2, not a traceback."""
     path = thresholds_file(_set("training", "straggler_ratio", 1.5))
-    monkeypatch.setattr(alerts_cli, "load_thresholds", lambda _=None: load_thresholds(path))
-    assert alerts_cli.main(["check"]) == 2
+    assert alerts_cli.main(["check", "--thresholds", str(path)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error
     assert str(path) in error and "training.straggler_ratio" in error

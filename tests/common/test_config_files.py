@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ugro.alerts.thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
+from ugro.catalogue.thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
 from ugro.common.config_files import MAX_CONFIG_BYTES, MAX_NESTING
 from ugro.launcher.inventory import InventoryError, load_inventory
 
@@ -74,7 +74,7 @@ LIMIT_BYTES = 256 * 1024 * 1024
 CHILD = textwrap.dedent(
     """
     import json, pathlib, resource, sys, time, tracemalloc
-    from ugro.alerts.thresholds import load_thresholds
+    from ugro.catalogue.thresholds import load_thresholds
     from ugro.launcher.inventory import load_inventory
 
     pages = int(pathlib.Path("/proc/self/statm").read_text().split()[0])

@@ -19,7 +19,7 @@ import pytest
 
 from ugro.console import cli, report
 from ugro.console.servers import Alertmanager, Prometheus, QueryError, Unreachable
-from ugro.console.watch import StatusRules, gather
+from ugro.console.watch import gather
 
 JOB = "bad-servers"
 TRICKLE_SECONDS = 0.5  # between the bytes of a trickling server
@@ -223,7 +223,6 @@ def test_gather_keeps_going_when_alertmanager_answers_the_wrong_shape(alerts, ex
             JOB,
             Prometheus(prometheus_url, timeout=5),
             Alertmanager(alertmanager_url, timeout=5),
-            StatusRules(),
         )
     assert snapshot.prometheus_error is None
     assert snapshot.status == "waiting"  # Prometheus has no series of the job
@@ -270,7 +269,6 @@ def test_watch_shows_a_trickling_prometheus_and_goes_on():
             JOB,
             Prometheus(url, timeout=DEADLINE),
             Alertmanager(alertmanager_url, timeout=DEADLINE),
-            StatusRules(),
         )
     assert time.monotonic() - started < DEADLINE + 3
     assert snapshot.prometheus_error == (

@@ -21,8 +21,8 @@ import urllib.parse
 import psutil
 import pytest
 
-from tests.alerts.stack import http_json
 from tests.support import wait_for
+from tests.support.net import http_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -33,8 +33,11 @@ from dataclasses import dataclass, field
 import pytest
 from rich.console import Console
 
-from tests.alerts.stack import FAKE_GPU_UUIDS, AlertStack, TrainingJob, fake_gpu_exporter, free_port
 from tests.support import Samples, sample, sample_values, scrape, wait_for
+from tests.support.fake_gpu import FAKE_GPU_UUIDS, fake_gpu_exporter
+from tests.support.net import free_port
+from tests.support.stack import AlertStack
+from tests.support.training import TrainingJob
 from ugro.console import cli, report
 from ugro.console.lifetime import JobReport, parse_duration
 from ugro.console.servers import Prometheus

@@ -11,7 +11,7 @@ checked without one is:
 * the provisioned datasources have the fixed uids the dashboards name, and the dashboard
   provider reads the folder compose mounts grafana/dashboards at;
 * the real ``promtool`` and ``amtool`` accept the configs laid out as the containers see them;
-* tests/servers.py picks a binary on PATH, else the compose file's images, else skips.
+* tests/support/servers.py picks a binary on PATH, else the compose file's images, else skips.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import servers
+from tests.support import servers
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -333,7 +333,7 @@ def test_amtool_accepts_the_config_as_mounted(compose, tmp_path) -> None:
     assert " - 1 templates" in result.stdout, result.stdout  # the glob found ugro.tmpl
 
 
-# -- tests/servers.py: how the suite's server fixtures start Prometheus and Alertmanager -----
+# -- tests/support/servers.py: how the suite's server fixtures start Prometheus and Alertmanager
 
 
 def test_fixture_images_are_the_compose_pins(compose) -> None:

@@ -19,10 +19,13 @@ from tests.grafana.dashboards import (
     targets,
     variables,
 )
+from ugro.catalogue import names
+from ugro.catalogue.promql import RANK_GPUS
 from ugro.grafana import __main__ as grafana_cli
 
 PROVISIONED_DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "ugro.yml"
 RECORDING_RULES = ROOT / "prometheus" / "rules" / "recording.yml"
+ALERT_RULES = ROOT / "alerts" / "rules.yml"  # the condition series come first in each group
 
 
 def test_both_dashboards_are_committed():
@@ -124,6 +127,86 @@ def test_panels_read_the_recording_rules_rather_than_recomputing_them():
                 )
             used |= {name for name in recorded if name in target["expr"]}
     assert len(used) >= 15, f"only {len(used)} recording rules used: {sorted(used)}"
+
+
+# What a panel query never says itself: the catalogue (ugro.catalogue) says it once, and the
+# dashboards read the series it records, so they show what the alerts fire on.
+RESTATEMENTS = {
+    "a throttle-reason matcher (read gpu:/job_rank:ugro_gpu_throttled:bool)": re.compile(
+        r"\breason\s*(=|!=|=~|!~)"
+    ),
+    "increase(), which misses a counter's first event (read the condition series)": re.compile(
+        r"\bincrease\s*\("
+    ),
+    "a comparison with a number: a threshold or a state a condition series holds": re.compile(
+        r"(==|!=|>=|<=|>|<)\s*[-+]?\.?[0-9]"
+    ),
+}
+GPU_JOIN = re.compile(r"on\s*\(gpu_uuid\)\s*group_left\s*\([^)]*\)\s*(\w+(\{[^}]*\})?)")
+
+
+def _records(path) -> dict[str, str]:
+    return {
+        rule["record"]: rule["expr"]
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
+def _bare(expr: str) -> str:
+    """PromQL without label matchers or whitespace: the shape of a computation."""
+    return re.sub(r"\s+", "", re.sub(r"\{[^}]*\}", "", expr))
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+def test_no_panel_restates_a_selector_a_reason_list_or_a_threshold(path):
+    for panel, target in targets(load(path)):
+        for what, pattern in RESTATEMENTS.items():
+            assert not pattern.search(target["expr"]), (
+                f"{path.name}: {panel['title']!r} {target['refId']} has {what}: {target['expr']}"
+            )
+
+
+def test_scrape_jobs_are_named_by_the_catalogue():
+    """The dashboards' code takes the scrape-job selectors from ugro.catalogue.names, so the
+    generated queries say exactly what the rules say."""
+    for source in sorted((ROOT / "grafana").glob("*.py")):
+        for job in (names.RANKS_JOB, names.NODES_JOB):
+            assert f'"{job}"' not in source.read_text(), f"grafana/{source.name} selects {job}"
+    for path in DASHBOARD_FILES:
+        for panel, target in targets(load(path)):
+            for matcher in re.findall(r'\bjob\s*(?:=|!=|=~|!~)\s*"[^"]*"', target["expr"]):
+                assert matcher in (names.RANKS, names.NODES), (
+                    f"{path.name}: {panel['title']!r} selects {matcher}"
+                )
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+def test_panels_read_recorded_series_rather_than_restating_their_expressions(path):
+    """A ratio, a per-rank GPU reading or a condition the rules record is read by its name: a
+    panel that computes it again drifts from the alerts when either changes."""
+    records = {**_records(RECORDING_RULES), **_records(ALERT_RULES)}
+    # The patterns find what they should: the ratios and conditions the dashboards once restated.
+    assert {"gpu:ugro_gpu_memory_used:ratio", "gpu:ugro_gpu_lost:condition"} <= set(records)
+    for panel, target in targets(load(path)):
+        bare = _bare(target["expr"])
+        for name, expr in records.items():
+            restated = rf"(?<![\w:]){re.escape(_bare(expr))}(?![\w:])"
+            assert not re.search(restated, bare), (
+                f"{path.name}: {panel['title']!r} {target['refId']} computes {name} again "
+                f"instead of reading it: {target['expr']}"
+            )
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+def test_gpu_readings_are_joined_to_ranks_as_the_recording_rules_join_them(path):
+    for panel, target in targets(load(path)):
+        for match in GPU_JOIN.finditer(target["expr"]):
+            assert match.group(1) == RANK_GPUS, (
+                f"{path.name}: {panel['title']!r} joins GPUs to ranks on {match.group(1)}, "
+                f"not ugro.catalogue.promql.on_rank_gpus's {RANK_GPUS}"
+            )
 
 
 def test_the_datasource_variable_defaults_to_the_provisioned_prometheus():

@@ -20,15 +20,13 @@ import urllib.parse
 
 import pytest
 
-from tests.alerts.stack import (
-    FAKE_GPU_UUIDS,
-    AlertStack,
-    TrainingJob,
-    fake_gpu_exporter,
-    http_json,
-)
 from tests.grafana.dashboards import DASHBOARD_FILES, load, targets, variables
 from tests.support import wait_for
+from tests.support.fake_gpu import FAKE_GPU_UUIDS, fake_gpu_exporter
+from tests.support.models import SMALL_MODEL
+from tests.support.net import http_json
+from tests.support.stack import AlertStack
+from tests.support.training import TrainingJob
 
 JOB_ID = "dash-run"
 NODE = "node-a"
@@ -40,7 +38,6 @@ SUBSTITUTIONS = {
     "$node": NODE,
     "$rank": "(0|1)",  # Grafana's rendering of a multi-value selection in a regex matcher
 }
-SMALL_MODEL = ["--batch-size", "8", "--context", "32", "--width", "64", "--depth", "1"]
 
 
 def substitute(expr: str) -> str:

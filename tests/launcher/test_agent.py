@@ -22,9 +22,12 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from ugro.launcher.agent import JOB_MARKER_ENV, START_SETTLE_SECONDS
+from ugro.launcher.agent.base import JOB_MARKER_ENV
+from ugro.launcher.agent.preflight import nvml_gpu_count
+from ugro.launcher.agent.start import START_SETTLE_SECONDS
 from ugro.launcher.jobfiles import job_dir, read_process_ref
 
+from ..exporter.fake_nvml import NVML_ERROR_UNKNOWN, FakeNvml, NVMLError, h100s
 from ..support import wait_for
 
 AGENT = [sys.executable, "-m", "ugro.launcher.agent"]
@@ -204,6 +207,34 @@ def test_preflight_checks_the_gpu_count_only_when_asked(tmp_path):
 
     report = agent_json("preflight", "--workdir", str(tmp_path))
     assert report["problems"] == []
+
+
+def test_preflight_counts_gpus_through_the_exporters_nvml_wrapper(monkeypatch):
+    """The count ``--gpus`` is checked against, from a scripted NVML: its errors are the
+    exporter's, and NVML is shut down again however the count went."""
+    fake = FakeNvml(h100s(2))
+    assert nvml_gpu_count(fake) == (2, None)
+    assert not fake.initialised
+
+    count, why = nvml_gpu_count(FakeNvml(library_missing=True))
+    assert count is None
+    assert why == "nvmlInit failed: NVML Shared Library Not Found"
+
+    fake = FakeNvml(h100s(2), unsupported=frozenset({"nvmlDeviceGetCount"}))
+    assert nvml_gpu_count(fake) == (None, "nvmlDeviceGetCount is not available in this NVML")
+    assert not fake.initialised
+
+    class CountFails(FakeNvml):
+        def nvmlDeviceGetCount(self) -> int:
+            raise NVMLError(NVML_ERROR_UNKNOWN)
+
+    fake = CountFails(h100s(2))
+    assert nvml_gpu_count(fake) == (None, "nvmlDeviceGetCount: Unknown Error")
+    assert not fake.initialised
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # a node without nvidia-ml-py
+    count, why = nvml_gpu_count()
+    assert count is None and why.startswith("cannot import 'pynvml': ")
 
 
 def test_preflight_reports_too_little_disk_and_an_unwritable_workdir(tmp_path):

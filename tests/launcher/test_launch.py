@@ -15,9 +15,9 @@ import psutil
 import pytest
 import yaml
 
-from tests.alerts.stack import AlertStack
 from tests.support import wait_for
-from ugro.launcher.agent import START_SETTLE_SECONDS
+from tests.support.stack import AlertStack
+from ugro.launcher.agent.start import START_SETTLE_SECONDS
 
 SMALL_TRAINER = [
     *("-m", "ugro.trainer.train", "--steps", "1000000"),
@@ -101,7 +101,7 @@ class Launcher:
         for process in psutil.process_iter(["cmdline", "environ"]):
             cmdline = process.info["cmdline"] or []
             environment = process.info["environ"] or {}
-            if "ugro.launcher.watch" in cmdline and any(
+            if "ugro.launcher.follower" in cmdline and any(
                 str(self.state_dir) in part for part in environment.values()
             ):
                 with contextlib.suppress(psutil.NoSuchProcess):

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 
 import psutil
+import pytest
 import yaml
 
 from tests.launcher.test_interrupted_launch import TRAINER, HeldLaunch, free_port
 from tests.launcher.test_interrupted_launch import job_processes as processes_here
 from tests.launcher.test_launch import LAUNCH, job_processes
 from tests.support import wait_for
+from ugro.launcher.launch import stop_watcher
+from ugro.launcher.records import JobRecord
 
 
 def test_stop_after_the_inventory_was_edited_and_deleted_stops_the_job(launcher):
@@ -45,10 +50,39 @@ def watchers(job_id: str) -> list[int]:
     return [
         process.pid
         for process in psutil.process_iter(["cmdline", "status"])
-        if "ugro.launcher.watch" in (process.info["cmdline"] or [])
+        if "ugro.launcher.follower" in (process.info["cmdline"] or [])
         and job_id in process.info["cmdline"]
         and process.info["status"] != psutil.STATUS_ZOMBIE
     ]
+
+
+@pytest.mark.parametrize(
+    ("module", "ours"),
+    [
+        ("ugro.launcher.follower", True),
+        ("ugro.launcher.watch", True),  # started before the rename, still running after it
+        ("ugro.console.watch", False),  # a pid reused by another program is left alone
+    ],
+)
+def test_stop_ends_the_recorded_watcher_under_its_old_and_new_module_name(module, ours):
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", module, "old-job"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        record = JobRecord(
+            job_id="old-job", inventory="/nowhere.yml", nodes=["node-a"], nproc_per_node=1,
+            command=["train.py"], rdzv_port=29500, started_at=0.0, watcher_pid=stand_in.pid,
+        )  # fmt: skip
+        wait_for(lambda: module in psutil.Process(stand_in.pid).cmdline(), 10, "its cmdline")
+        assert stop_watcher(record) is ours
+        if ours:
+            assert stand_in.wait(10) == -signal.SIGTERM
+        else:
+            assert stand_in.poll() is None
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 def test_a_node_without_the_job_directory_is_not_stopped_and_the_job_is_kept(launcher):

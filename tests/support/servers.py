@@ -24,7 +24,7 @@ from typing import Protocol
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 # The compose service of each server, and its binary's names on PATH, preferred first:

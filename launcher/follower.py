@@ -1,5 +1,7 @@
 """A job's watcher: follows it to its end from the machine that launched it.
 
+Named ``follower``, not ``watch``, so that it is not taken for ``ugro watch`` (the terminal view,
+:mod:`ugro.console.watch`); the record and ``ugro-launch`` still call it the job's watcher.
 Started detached by ``ugro-launch`` (one per job). Every few seconds it asks each node's agent
 for the job's state. When every node's torchrun exited 0, it removes the job's Prometheus
 targets: a job that finished normally leaves nothing to alert on. When a node fails (non-zero
@@ -22,11 +24,11 @@ from .launch import node_statuses, plan_from_record, replace_state, stop_nodes, 
 from .nodes import NodeSet
 from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
 
-log = logging.getLogger("ugro.launcher.watch")
+log = logging.getLogger("ugro.launcher.follower")
 ENDED_BADLY = {"failed", "lost", "unknown"}
 
 
-def watch(
+def follow(
     job_id: str, options: SshOptions, poll_seconds: float = 2.0, give_up_seconds: float = 3600.0
 ) -> str:
     """Follow the job until it ends; returns its final state.
@@ -80,7 +82,7 @@ def watch(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ugro.launcher.watch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ugro.launcher.follower", description=__doc__)
     parser.add_argument("job_id")
     parser.add_argument("--known-hosts", type=pathlib.Path, default=DEFAULT_KNOWN_HOSTS)
     parser.add_argument("--accept-new-host-keys", action="store_true")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = SshOptions(args.known_hosts, args.accept_new_host_keys)
     try:
-        state = watch(args.job_id, options, args.poll_seconds, args.give_up_seconds)
+        state = follow(args.job_id, options, args.poll_seconds, args.give_up_seconds)
     except (records.RecordError, InventoryError) as error:
         log.error("%s", error)
         return 1

@@ -1,8 +1,12 @@
-"""Loading ``alerts/thresholds.yml``: every alert threshold, validated, with clear errors."""
+"""The alert thresholds, typed: loaded from ``alerts/thresholds.yml``, validated, with clear
+errors. Each section is a dataclass; its fields are the file's fields, so a field is added in
+two places only: here (with its type) and in the file (with its value and comment)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.resources
 import math
 import pathlib
 import re
@@ -13,29 +17,67 @@ from typing import Any
 from ugro.common.config_files import ConfigFileError, load_yaml
 from ugro.common.messages import shown
 
-THRESHOLDS_FILE = pathlib.Path(__file__).resolve().parent / "thresholds.yml"
+# The file ships in the ugro.alerts package (package data), beside the rules it generates.
+THRESHOLDS_FILE = pathlib.Path(str(importlib.resources.files("ugro.alerts"))) / "thresholds.yml"
 _DURATION = re.compile(r"^(0|[1-9][0-9]*)(ms|s|m|h|d)$")
-# Every field the rules, dashboards and console read, per section: a misspelled field would
-# otherwise load and fail later as a KeyError, and a missing one likewise.
+Duration = str  # a Prometheus duration: 30s, 5m, 1h
+
+
+@dataclass(frozen=True)
+class TrainingThresholds:
+    nonfinite_for: Duration
+    nonfinite_window: Duration
+    loss_spike_factor: float
+    loss_spike_for: Duration
+    loss_ceiling: float
+    loss_ceiling_for: Duration
+    stall_step_multiple: float
+    stall_min_seconds: float
+    stall_for: Duration
+    throughput_drop_ratio: float
+    throughput_drop_for: Duration
+    straggler_ratio: float
+    straggler_for: Duration
+    ranks_down_for: Duration
+    gpu_utilization_low_ratio: float
+    gpu_utilization_low_for: Duration
+
+
+@dataclass(frozen=True)
+class GpuThresholds:
+    temperature_warning_celsius: float
+    temperature_critical_celsius: float
+    temperature_for: Duration
+    throttle_for: Duration
+    memory_full_ratio: float
+    memory_full_for: Duration
+    xid_for: Duration
+    ecc_uncorrectable_for: Duration
+    lost_for: Duration
+
+
+@dataclass(frozen=True)
+class NodeThresholds:
+    disk_free_warning_ratio: float
+    disk_free_critical_ratio: float
+    disk_full_for: Duration
+    disk_fill_hours: float
+    disk_fill_for: Duration
+    memory_available_ratio: float
+    memory_pressure_for: Duration
+    cpu_saturation_ratio: float
+    cpu_saturation_for: Duration
+    exporter_down_for: Duration
+    collector_down_for: Duration
+
+
+_SECTION_TYPES = {"training": TrainingThresholds, "gpu": GpuThresholds, "node": NodeThresholds}
+# Every field per section: a misspelled field would otherwise load and fail later, a missing
+# one likewise.
 FIELDS: dict[str, tuple[str, ...]] = {
-    "training": (
-        "nonfinite_for", "nonfinite_window", "loss_spike_factor", "loss_spike_for",
-        "loss_ceiling", "loss_ceiling_for", "stall_step_multiple", "stall_min_seconds",
-        "stall_for", "throughput_drop_ratio", "throughput_drop_for", "straggler_ratio",
-        "straggler_for", "ranks_down_for", "gpu_utilization_low_ratio",
-        "gpu_utilization_low_for",
-    ),
-    "gpu": (
-        "temperature_warning_celsius", "temperature_critical_celsius", "temperature_for",
-        "throttle_for", "memory_full_ratio", "memory_full_for", "xid_for",
-        "ecc_uncorrectable_for", "lost_for",
-    ),
-    "node": (
-        "disk_free_warning_ratio", "disk_free_critical_ratio", "disk_full_for",
-        "disk_fill_hours", "disk_fill_for", "memory_available_ratio", "memory_pressure_for",
-        "cpu_saturation_ratio", "cpu_saturation_for", "exporter_down_for", "collector_down_for",
-    ),
-}  # fmt: skip
+    section: tuple(f.name for f in dataclasses.fields(kind))
+    for section, kind in _SECTION_TYPES.items()
+}
 SECTIONS = tuple(FIELDS)
 # runbook_base_url goes into every rule's annotations, which Prometheus reads as templates: a
 # quote or brace there breaks the rule file, whitespace or a backslash breaks the link, and
@@ -51,23 +93,22 @@ class ThresholdsError(ValueError):
 @dataclass(frozen=True)
 class Thresholds:
     runbook_base_url: str
-    values: dict[str, Any]  # "section.field" -> number or duration string
-
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
-    def substitutions(self) -> dict[str, str]:
-        """``section_field`` -> text, for ``string.Template`` in rule expressions."""
-        return {key.replace(".", "_"): str(value) for key, value in self.values.items()}
+    training: TrainingThresholds
+    gpu: GpuThresholds
+    node: NodeThresholds
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Thresholds:
-        """A copy with some fields replaced (the end-to-end tests shorten every ``for:``)."""
-        unknown = set(overrides) - set(self.values)
-        if unknown:
-            raise ThresholdsError(f"unknown threshold field(s): {_names(unknown)}")
+        """A copy with some fields replaced, named ``section.field`` (the end-to-end tests and
+        the demo shorten every ``for:``)."""
+        changed: dict[str, dict[str, Any]] = {}
         for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if name not in FIELDS.get(section, ()):
+                raise ThresholdsError(f"unknown threshold field {shown(key)}")
             check_value("override", key, value)
-        return Thresholds(self.runbook_base_url, {**self.values, **overrides})
+            changed.setdefault(section, {})[name] = value
+        sections = {s: dataclasses.replace(getattr(self, s), **v) for s, v in changed.items()}
+        return dataclasses.replace(self, **sections)
 
 
 def load_thresholds(path: pathlib.Path = THRESHOLDS_FILE) -> Thresholds:
@@ -86,7 +127,7 @@ def load_thresholds(path: pathlib.Path = THRESHOLDS_FILE) -> Thresholds:
             f"known: {', '.join(top)}"
         )
     check_runbook_base_url(str(path), data.get("runbook_base_url"))
-    values: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
     for section, known in FIELDS.items():
         fields = data.get(section)
         if not isinstance(fields, dict):
@@ -101,10 +142,9 @@ def load_thresholds(path: pathlib.Path = THRESHOLDS_FILE) -> Thresholds:
         if missing:
             raise ThresholdsError(f"{path}: {section}: missing field(s) {', '.join(missing)}")
         for name in known:
-            key = f"{section}.{name}"
-            check_value(str(path), key, fields[name])
-            values[key] = fields[name]
-    return Thresholds(data["runbook_base_url"], values)
+            check_value(str(path), f"{section}.{name}", fields[name])
+        sections[section] = _SECTION_TYPES[section](**{name: fields[name] for name in known})
+    return Thresholds(data["runbook_base_url"], **sections)
 
 
 def check_runbook_base_url(where: str, url: Any) -> None:

@@ -1,10 +1,8 @@
-"""Helpers the tests share: scraping, parsing expositions, waiting for a condition."""
+"""Reading a /metrics endpoint: scraping it and parsing its exposition into samples."""
 
 from __future__ import annotations
 
-import time
 import urllib.request
-from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,17 +25,3 @@ def sample_values(exposition: str) -> Samples:
 
 def sample(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    """Polls ``condition`` until it returns something true; an OSError counts as not yet."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except OSError:  # endpoint not up yet
-            result = None
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

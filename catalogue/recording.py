@@ -1,0 +1,228 @@
+"""The measurement rules: job-, rank- and node-level numbers without thresholds.
+
+``prometheus/rules/recording.yml`` is generated from this (``python -m ugro.alerts build``).
+Names follow ``level:metric:operations``. Rank series carry the target labels job_id, rank and
+node; ``by (job_id)`` aggregates a job's ranks.
+"""
+
+from __future__ import annotations
+
+from .names import RANK_LABELS, RANKS, THROTTLED
+from .promql import on_rank_gpus
+from .rules import Group, Record
+
+# The node health score, 0-100: points per part, and where each part starts losing them.
+HEALTH_POINTS = {"gpu": 40, "memory": 20, "disk": 20, "cpu": 20}
+HEALTH_MEMORY_FULL_MARKS_AVAILABLE = 0.1  # full marks from 10 % available down to 0 at 0 %
+HEALTH_DISK_FULL_MARKS_FREE = 0.1  # the fullest filesystem: full marks from 10 % free
+HEALTH_CPU_FULL_MARKS_BUSY = 0.9  # full marks up to 90 % busy, none at 100 %
+# How long a lifecycle latch reads its own last value back: covers a restart of Prometheus.
+LATCH_MEMORY = "10m"
+
+
+def _mean(metric: str, window: str, by: str = "") -> str:
+    """An exact windowed mean from a summary's _sum and _count (finite values only)."""
+    if by:
+        return (
+            f"sum by ({by}) (rate({metric}_sum[{window}]))\n"
+            f"/ sum by ({by}) (rate({metric}_count[{window}]))"
+        )
+    return f"rate({metric}_sum[{window}]) / rate({metric}_count[{window}])"
+
+
+LIFECYCLE = Group(
+    "ugro-training-lifecycle",
+    why="""\
+Where a rank is in its life, from its target's scrapes. A rank target is registered at
+launch, but a rank serves /metrics only once the user's code has built its model and
+created Telemetry, which can take minutes; and a rank that finishes stops answering before
+its target is removed. Neither is "down". Down means: it has answered, it did not say it
+finished (Telemetry.close() serves ugro_train_end_time_seconds before the process exits),
+and it no longer answers. The two latches read their own last value (LATCH_MEMORY covers a
+restart of Prometheus) and last only while the rank's target exists. Order matters:
+Prometheus evaluates a group's rules in turn.""",
+    rules=[
+        Record(
+            "job_rank:ugro_train_started:latch",
+            f"group by ({RANK_LABELS}) (max_over_time(up{{{RANKS}}}[1m]) == 1)\n"
+            f"or (last_over_time(job_rank:ugro_train_started:latch[{LATCH_MEMORY}])\n"
+            f"    and on ({RANK_LABELS}) up{{{RANKS}}})",
+        ),
+        Record(
+            "job_rank:ugro_train_ended:latch",
+            f"group by ({RANK_LABELS}) (\n"
+            f"  last_over_time(ugro_train_end_time_seconds{{{RANKS}}}[1m]))\n"
+            f"or (last_over_time(job_rank:ugro_train_ended:latch[{LATCH_MEMORY}])\n"
+            f"    and on ({RANK_LABELS}) up{{{RANKS}}})",
+            why="last_over_time: the end marker's final scrape is kept although the next, "
+            "failed\nscrape marks the series stale.",
+        ),
+        Record(
+            "job_rank:ugro_train_down:bool",
+            f"group by ({RANK_LABELS}) (up{{{RANKS}}} == 0)\n"
+            f"and on ({RANK_LABELS}) job_rank:ugro_train_started:latch\n"
+            f"unless on ({RANK_LABELS}) job_rank:ugro_train_ended:latch",
+        ),
+    ],
+)
+
+RATES = Group(
+    "ugro-training-rates",
+    rules=[
+        Record("job_rank:ugro_train_tokens:rate1m", "rate(ugro_train_tokens_total[1m])"),
+        Record("job_rank:ugro_train_samples:rate1m", "rate(ugro_train_samples_total[1m])"),
+        Record("job_rank:ugro_train_steps:rate1m", "rate(ugro_train_steps_total[1m])"),
+        Record(
+            "job:ugro_train_tokens:rate1m", "sum by (job_id) (job_rank:ugro_train_tokens:rate1m)"
+        ),
+        Record(
+            "job:ugro_train_samples:rate1m", "sum by (job_id) (job_rank:ugro_train_samples:rate1m)"
+        ),
+        Record(
+            "job_rank:ugro_train_loss:mean1m",
+            _mean("ugro_train_loss", "1m"),
+            why="Exact windowed means from _sum/_count (finite values only).",
+        ),
+        Record("job_rank:ugro_train_loss:mean5m", _mean("ugro_train_loss", "5m")),
+        Record("job_rank:ugro_train_loss:mean15m", _mean("ugro_train_loss", "15m")),
+        Record("job:ugro_train_loss:mean5m", _mean("ugro_train_loss", "5m", by="job_id")),
+        Record("job_rank:ugro_train_grad_norm:mean1m", _mean("ugro_train_grad_norm", "1m")),
+        Record("job_rank:ugro_train_grad_norm:mean5m", _mean("ugro_train_grad_norm", "5m")),
+        Record("job:ugro_train_grad_norm:mean5m", _mean("ugro_train_grad_norm", "5m", by="job_id")),
+        Record(
+            "job_rank:ugro_train_step_duration_seconds:mean1m",
+            _mean("ugro_train_step_duration_seconds", "1m"),
+        ),
+        Record(
+            "job_rank:ugro_train_step_duration_seconds:mean",
+            "ugro_train_step_duration_seconds_sum / ugro_train_step_duration_seconds_count",
+            why="Over the rank's whole life: still defined when no step completed recently, "
+            "which is\nwhat the stall condition compares against.",
+        ),
+        Record(
+            "job:ugro_train_progress:ratio",
+            "max by (job_id) (ugro_train_steps_total) / max by (job_id) (ugro_train_target_steps)",
+        ),
+    ],
+)
+
+STRAGGLERS = Group(
+    "ugro-training-stragglers",
+    rules=[
+        Record(
+            "job_rank:ugro_train_busy:ratio1m",
+            "clamp(1 - rate(ugro_train_data_wait_seconds_total[1m]), 0, 1)\n"
+            "or (ugro_train_steps_total * 0 + 1)",
+            why="""\
+The share of its time a rank is not waiting for input. Under synchronous DDP all ranks
+step together, so a slow input pipeline shows as the time that rank spends waiting;
+ranks that do not time their data loading count as never waiting.""",
+        ),
+        Record(
+            "job_rank:ugro_train_effective_tokens:rate1m",
+            "job_rank:ugro_train_tokens:rate1m\n"
+            "* on (job_id, rank) group_left () job_rank:ugro_train_busy:ratio1m",
+        ),
+        Record(
+            "job_rank:ugro_train_straggler_score:ratio",
+            "job_rank:ugro_train_effective_tokens:rate1m\n"
+            "/ on (job_id) group_left ()\n"
+            "quantile by (job_id) (0.5, job_rank:ugro_train_effective_tokens:rate1m)",
+            why="1 is the job's median rank; 0.5 means half the median's effective throughput.",
+        ),
+    ],
+)
+
+GPUS = Group(
+    # The name predates the per-GPU rules: promtool tests and dashboards know it.
+    "ugro-job-gpus",
+    why="""\
+Per GPU, then per rank: a rank's GPU readings are joined on the GPU's UUID with the
+rank's info series.""",
+    rules=[
+        Record(
+            "gpu:ugro_gpu_memory_used:ratio",
+            "ugro_gpu_memory_used_bytes / ugro_gpu_memory_total_bytes",
+        ),
+        Record(
+            "gpu:ugro_gpu_throttled:bool",
+            f"ugro_gpu_clock_event_active{{{THROTTLED}}} == 1",
+            why="One series per reason that holds a GPU's clocks down by power or heat, "
+            "while it does.",
+        ),
+        Record("job_rank:ugro_gpu_utilization:ratio", on_rank_gpus("ugro_gpu_utilization_ratio")),
+        Record("job_rank:ugro_gpu_memory_used:bytes", on_rank_gpus("ugro_gpu_memory_used_bytes")),
+        Record(
+            "job_rank:ugro_gpu_temperature:celsius", on_rank_gpus("ugro_gpu_temperature_celsius")
+        ),
+        Record("job_rank:ugro_gpu_throttled:bool", on_rank_gpus("gpu:ugro_gpu_throttled:bool")),
+        Record(
+            "job:ugro_gpu_utilization:avg_ratio",
+            "avg by (job_id) (job_rank:ugro_gpu_utilization:ratio)",
+        ),
+    ],
+)
+
+_P = HEALTH_POINTS
+_HEALTH_WHY = f"""\
+Node health, 0-100 = {_P["gpu"]} GPU + {_P["memory"]} memory + {_P["disk"]} disk \
++ {_P["cpu"]} CPU points:
+  GPU    share of the node's GPUs up and not throttled by power or heat (a lost GPU
+         counts as 0, one without clock readings as not throttled; full marks for a
+         node without GPUs);
+  memory available/total, full marks from {HEALTH_MEMORY_FULL_MARKS_AVAILABLE:.0%} available \
+down to none at 0 %;
+  disk   the fullest filesystem's free share, full marks from {HEALTH_DISK_FULL_MARKS_FREE:.0%} \
+free;
+  CPU    full marks up to {HEALTH_CPU_FULL_MARKS_BUSY:.0%} busy, none at 100 %."""
+_MEMORY = "max by (node) (node:ugro_node_memory_available:ratio)"
+_FULLEST = "min by (node) (node:ugro_node_filesystem_free:ratio)"
+NODE_HEALTH = Group(
+    "ugro-node-health",
+    rules=[
+        Record(
+            "node:ugro_node_cpu_utilization:ratio5m",
+            '1 - sum by (node) (rate(ugro_node_cpu_seconds_total{mode=~"idle|iowait"}[5m]))\n'
+            "/ sum by (node) (rate(ugro_node_cpu_seconds_total[5m]))",
+        ),
+        Record(
+            "node:ugro_node_memory_available:ratio",
+            "ugro_node_memory_available_bytes / ugro_node_memory_total_bytes",
+        ),
+        Record(
+            "node:ugro_node_filesystem_free:ratio",
+            "ugro_node_filesystem_free_bytes / ugro_node_filesystem_size_bytes",
+            why="Per filesystem (mountpoint label).",
+        ),
+        Record(
+            "node:ugro_node_gpu_health:ratio",
+            "avg by (node) (\n"
+            "  ugro_gpu_up\n"
+            "  * on (node, gpu) (\n"
+            f"    1 - max by (node, gpu) (ugro_gpu_clock_event_active{{{THROTTLED}}})\n"
+            "    or on (node, gpu) max by (node, gpu) (ugro_gpu_up * 0 + 1)\n"
+            "  )\n"
+            ")\n"
+            "or on (node) (max by (node) (ugro_node_memory_total_bytes) * 0 + 1)",
+            why=_HEALTH_WHY,
+        ),
+        Record(
+            "node:ugro_node_health:score",
+            f"{_P['gpu']} * node:ugro_node_gpu_health:ratio\n"
+            f"+ on (node) {_P['memory']} * clamp({_MEMORY}"
+            f" / {HEALTH_MEMORY_FULL_MARKS_AVAILABLE}, 0, 1)\n"
+            f"+ on (node) {_P['disk']} * clamp({_FULLEST} / {HEALTH_DISK_FULL_MARKS_FREE}, 0, 1)\n"
+            f"+ on (node) {_P['cpu']} * (1 - clamp((node:ugro_node_cpu_utilization:ratio5m"
+            f" - {HEALTH_CPU_FULL_MARKS_BUSY}) / {1 - HEALTH_CPU_FULL_MARKS_BUSY:g}, 0, 1))",
+        ),
+    ],
+)
+
+GROUPS = [LIFECYCLE, RATES, STRAGGLERS, GPUS, NODE_HEALTH]
+
+HEADER = """\
+Generated by `python -m ugro.alerts build` from catalogue/recording.py: edit that, not this.
+Recording rules: the job-, rank- and node-level numbers that the alerts, the Grafana
+dashboards, `ugro watch` and `ugro report` all read, so a number means the same thing
+everywhere. Names follow level:metric:operations. Rank series carry the target labels
+job_id, rank and node; `by (job_id)` aggregates a job's ranks."""
