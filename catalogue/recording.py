@@ -152,6 +152,9 @@ rank's info series.""",
         ),
         Record("job_rank:ugro_gpu_utilization:ratio", on_rank_gpus("ugro_gpu_utilization_ratio")),
         Record("job_rank:ugro_gpu_memory_used:bytes", on_rank_gpus("ugro_gpu_memory_used_bytes")),
+        Record("job_rank:ugro_gpu_memory_total:bytes", on_rank_gpus("ugro_gpu_memory_total_bytes")),
+        Record("job_rank:ugro_gpu_power:watts", on_rank_gpus("ugro_gpu_power_watts")),
+        Record("job_rank:ugro_gpu_power_limit:watts", on_rank_gpus("ugro_gpu_power_limit_watts")),
         Record(
             "job_rank:ugro_gpu_temperature:celsius", on_rank_gpus("ugro_gpu_temperature_celsius")
         ),

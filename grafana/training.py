@@ -14,7 +14,6 @@ from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.models import dashboard as model
 
 from ugro.catalogue import conditions
-from ugro.catalogue.promql import on_rank_gpus
 from ugro.catalogue.thresholds import Thresholds
 
 from . import presets as p
@@ -24,13 +23,6 @@ UID = "ugro-training"
 JOB = 'job_id="$job_id"'
 RANKS = 'job_id="$job_id", node=~"$node", rank=~"$rank"'
 RANK = "rank {{rank}}"
-
-
-def of_chosen_ranks(exporter_expr: str) -> str:
-    """A GPU reading with no recorded per-rank series, joined to ranks as the recording rules
-    join theirs (``on_rank_gpus``) and kept to the chosen ranks: a join's result takes no label
-    matchers, so the selection is a second join on the rank's info series."""
-    return f"{on_rank_gpus(exporter_expr)} and on (job_id, rank) ugro_train_rank_info{{{RANKS}}}"
 
 
 def or_zero_per_rank(expr: str, rank_series: str) -> str:
@@ -258,7 +250,7 @@ def gpu_memory():
         "Device memory in use on each rank's GPU, and the memory installed.",
         p.BYTES,
         p.query(f"job_rank:ugro_gpu_memory_used:bytes{{{RANKS}}}", "rank {{rank}} used", "A"),
-        p.query(of_chosen_ranks("ugro_gpu_memory_total_bytes"), "rank {{rank}} total", "B"),
+        p.query(f"job_rank:ugro_gpu_memory_total:bytes{{{RANKS}}}", "rank {{rank}} total", "B"),
         minimum=0,
     )
 
@@ -278,8 +270,8 @@ def gpu_power():
         "GPU power",
         "Board power draw of each rank's GPU, and its enforced power limit.",
         p.WATTS,
-        p.query(of_chosen_ranks("ugro_gpu_power_watts"), "rank {{rank}}", "A"),
-        p.query(of_chosen_ranks("ugro_gpu_power_limit_watts"), "rank {{rank}} limit", "B"),
+        p.query(f"job_rank:ugro_gpu_power:watts{{{RANKS}}}", "rank {{rank}}", "A"),
+        p.query(f"job_rank:ugro_gpu_power_limit:watts{{{RANKS}}}", "rank {{rank}} limit", "B"),
         minimum=0,
     )
 
