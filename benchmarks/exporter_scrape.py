@@ -26,14 +26,12 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,9 @@ from dataclasses import dataclass
 from typing import IO
 
 import psutil
+
+from ugro.common.ports import free_port
+from ugro.common.processes import NotReady, ProcessExited, stop_process_group, wait_until_ready
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 NODE_EXPORTER = "prometheus-node-exporter"
@@ -78,13 +79,6 @@ class Exporter:
         self.stderr.seek(0)
         text = self.stderr.read().decode(errors="replace").strip()
         return " | ".join(text[-limit:].splitlines()) or "(no stderr)"
-
-
-def free_port() -> int:
-    """A port nothing listens on now; another process could take it first, which is unlikely."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(name: str, argv: list[str], port: int, env: dict[str, str]) -> Exporter:
@@ -129,43 +123,34 @@ def start_node_exporter(binary: str, port: int) -> Exporter:
 
 def stop(exporter: Exporter) -> None:
     """SIGTERM the process group, then SIGKILL it if it has not exited after a grace period."""
-    if exporter.process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(exporter.process.pid, signal.SIGTERM)
-        try:
-            exporter.process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(exporter.process.pid, signal.SIGKILL)
-            exporter.process.wait()
-    exporter.stderr.close()
+    try:
+        stop_process_group(exporter.process, STOP_GRACE_S)
+    finally:
+        exporter.stderr.close()
 
 
 def wait_ready(exporter: Exporter) -> float:
     """Seconds from Popen to the first 200 on /metrics; BenchmarkError after READY_TIMEOUT_S."""
-    deadline = exporter.started + READY_TIMEOUT_S
-    while time.perf_counter() < deadline:
-        if exporter.process.poll() is not None:
-            raise BenchmarkError(
-                f"{exporter.name} exited with code {exporter.process.returncode} before serving "
-                f"/metrics; stderr: {exporter.stderr_tail()}"
-            )
-        connection = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=2)
-        try:
-            connection.request("GET", "/metrics")
-            response = connection.getresponse()
-            response.read()
-            if response.status == 200:
-                return time.perf_counter() - exporter.started
-        except OSError:
-            pass  # not listening yet
-        finally:
-            connection.close()
-        time.sleep(0.01)
-    raise BenchmarkError(
-        f"{exporter.name} did not answer 200 on /metrics within {READY_TIMEOUT_S:.0f} s; "
-        f"stderr: {exporter.stderr_tail()}"
-    )
+    try:
+        wait_until_ready(
+            f"http://127.0.0.1:{exporter.port}/metrics",
+            exporter.started + READY_TIMEOUT_S - time.perf_counter(),
+            process=exporter.process,
+            what=exporter.name,
+            interval=0.01,
+            probe_timeout=2,
+        )
+    except ProcessExited:
+        raise BenchmarkError(
+            f"{exporter.name} exited with code {exporter.process.returncode} before serving "
+            f"/metrics; stderr: {exporter.stderr_tail()}"
+        ) from None
+    except NotReady:
+        raise BenchmarkError(
+            f"{exporter.name} did not answer 200 on /metrics within {READY_TIMEOUT_S:.0f} s; "
+            f"stderr: {exporter.stderr_tail()}"
+        ) from None
+    return time.perf_counter() - exporter.started
 
 
 class Scraper:

@@ -29,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import yaml
+
+from ugro.common.ports import DEFAULT_METRICS_BASE_PORT, host_port
+from ugro.common.processes import url_answers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -76,14 +78,6 @@ def launcher(workdir: pathlib.Path, cluster: NamespaceCluster, *args: str):
     )
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def one_launch(workdir: pathlib.Path, cluster: NamespaceCluster, count: int, run: int) -> dict:
     inventory = workdir / f"inventory-{count}.yml"
     write_inventory(inventory, cluster, count)
@@ -102,8 +96,11 @@ def one_launch(workdir: pathlib.Path, cluster: NamespaceCluster, count: int, run
     launch_s = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"launch on {count} node(s) failed:\n{result.stderr}{result.stdout}")
-    urls = [f"http://{node.address}:9500/metrics" for node in cluster.nodes[:count]]
-    while not all(answers(url) for url in urls):
+    urls = [
+        f"http://{host_port(node.address, DEFAULT_METRICS_BASE_PORT)}/metrics"
+        for node in cluster.nodes[:count]
+    ]
+    while not all(url_answers(url) for url in urls):
         if time.perf_counter() - started > 180:
             raise RuntimeError(f"ranks on {count} node(s) not up after 180 s")
         time.sleep(0.05)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,9 @@ import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from ugro.common.ports import free_port
+from ugro.common.processes import wait_until_ready
 
 # nvidia-smi field -> (ugro series, scale from nvidia-smi's unit to ugro's, absolute tolerance)
 NUMERIC_FIELDS: dict[str, tuple[str, float, float]] = {
@@ -128,24 +130,16 @@ def compare(exposition: str, smi: list[dict[str, str]]) -> tuple[list[dict], lis
 
 
 def scrape_latency(scrapes: int = 300) -> dict[str, float]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "ugro.exporter", "--listen", f"127.0.0.1:{port}"],
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until_ready(
+            url, 10, process=process, what="ugro-exporter", interval=0.05, probe_timeout=2
+        )
         latencies = []
         for _ in range(scrapes):
             started = time.perf_counter()

@@ -26,20 +26,21 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import yaml
 from rich.console import Console
 
-from . import report, watch
-from .guard import Ledger, start_guard
-from .localstack import (
-    LocalStack,
-    NotificationReceiver,
-    StackError,
+from ugro.common.ports import (
+    DEFAULT_EXPORTER_PORT,
+    NoFreePorts,
     free_port,
     free_port_block,
 )
+from ugro.common.processes import NotReady, ProcessExited, wait_until_ready
+
+from . import report, watch
+from .guard import Ledger, start_guard
+from .localstack import LocalStack, NotificationReceiver, StackError
 from .servers import Alertmanager, Prometheus
 
 NODE = "local"
@@ -50,6 +51,7 @@ FAULT_RANK = 1
 # After the job ends, how long to wait for the alert's "resolved" notification.
 RESOLVE_WAIT_SECONDS = 45
 GUARD_EXIT_SECONDS = 10  # with an empty ledger it exits at once
+EXPORTER_READY_SECONDS = 20
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -146,7 +148,7 @@ class Demo:
 
     def start_exporter(self) -> int:
         self.stage("starting ugro-exporter (no GPU here: host metrics, GPU collector down)")
-        port = free_port(9490)
+        port = free_port(DEFAULT_EXPORTER_PORT)
         log = self.state_dir / "exporter.log"
         with open(log, "wb") as output:
             self.exporter = subprocess.Popen(
@@ -156,19 +158,24 @@ class Demo:
                 start_new_session=True,
             )  # fmt: skip
         self.ledger.add_process("ugro-exporter", self.exporter.pid)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.exporter.poll() is not None:
-                raise StackError(f"ugro-exporter exited at start; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
-                    return port
-            except OSError:
-                time.sleep(0.2)
-        raise StackError(f"ugro-exporter did not answer on port {port}; see {log}")
+        try:
+            wait_until_ready(
+                f"http://127.0.0.1:{port}/metrics",
+                EXPORTER_READY_SECONDS,
+                process=self.exporter,
+                what="ugro-exporter",
+            )
+        except ProcessExited:
+            raise StackError(f"ugro-exporter exited at start; see {log}") from None
+        except NotReady:
+            raise StackError(f"ugro-exporter did not answer on port {port}; see {log}") from None
+        return port
 
     def write_inventory(self, exporter_port: int) -> pathlib.Path:
-        metrics_port = free_port_block(RANKS)
+        try:
+            metrics_port = free_port_block(RANKS)
+        except NoFreePorts as error:
+            raise StackError(str(error)) from None
         inventory = {
             "defaults": {
                 "python": sys.executable,

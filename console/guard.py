@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from ugro.launcher.targets import write_atomically
+from ugro.common.files import write_atomically
 
 # A launcher interrupted half-way stops what it started on every node first; give it time.
 LAUNCHER_GRACE_SECONDS = 90.0

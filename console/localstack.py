@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import pathlib
 import shutil
-import signal
-import socket
 import subprocess
 import threading
-import time
-import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 
 from ugro.alerts.rules_file import render as render_alert_rules
+from ugro.common.ports import DEFAULT_ALERTMANAGER_PORT, DEFAULT_PROMETHEUS_PORT, free_port
+from ugro.common.processes import NotReady, ProcessExited, stop_process_group, wait_until_ready
 
 # The shipped configuration, found through the installed packages: the checkout's files in an
 # editable install (make setup), the package data of a wheel. Plain files either way, as
@@ -46,6 +43,8 @@ LOCAL_THRESHOLDS = {
     "training.ranks_down_for": "10s",
     "training.stall_for": "15s",
 }
+READY_TIMEOUT_SECONDS = 30.0
+STOP_GRACE_SECONDS = 10.0
 
 
 class StackError(RuntimeError):
@@ -61,39 +60,6 @@ def find_binary(*names: str, package: str) -> str:
         f"{names[0]} is not installed (looked for {', '.join(names)} on PATH): "
         f"run `make setup`, or `apt-get install {package}`"
     )
-
-
-def free_port(preferred: int | None = None) -> int:
-    """``preferred`` when it is free on loopback, else any free port."""
-    if preferred:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def free_port_block(count: int) -> int:
-    """A base port such that base .. base + count - 1 are all free on loopback now."""
-    for _ in range(100):
-        base = free_port()
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise StackError(f"no block of {count} free ports on this machine")
 
 
 class NotificationReceiver:
@@ -197,8 +163,8 @@ class LocalStack:
         state_dir: pathlib.Path,
         slack_url: str,
         *,
-        prometheus_port: int = 9090,
-        alertmanager_port: int = 9093,
+        prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
+        alertmanager_port: int = DEFAULT_ALERTMANAGER_PORT,
         on_started: Callable[[str, int], None] = lambda name, pid: None,
     ) -> None:
         self.state_dir = state_dir
@@ -295,37 +261,22 @@ class LocalStack:
             )
         self.processes[name] = process
         self.on_started(name, process.pid)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log.read_text(errors="replace")[-1500:]
-                raise StackError(f"{name} exited with code {process.returncode}; {log}:\n{tail}")
-            try:
-                with urllib.request.urlopen(ready_url, timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise StackError(f"{name} did not become ready within 30 s; see {log}")
+        try:
+            wait_until_ready(ready_url, READY_TIMEOUT_SECONDS, process=process, what=name)
+        except ProcessExited:
+            tail = log.read_text(errors="replace")[-1500:]
+            raise StackError(
+                f"{name} exited with code {process.returncode}; {log}:\n{tail}"
+            ) from None
+        except NotReady:
+            raise StackError(
+                f"{name} did not become ready within {READY_TIMEOUT_SECONDS:g} s; see {log}"
+            ) from None
 
     def pids(self) -> dict[str, int]:
         return {name: process.pid for name, process in self.processes.items()}
 
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):
-            stop_process(process)
+            stop_process_group(process, STOP_GRACE_SECONDS)  # SIGTERM, SIGKILL after grace
         self.processes.clear()
-
-
-def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the process's group, SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace)

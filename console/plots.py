@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
-from .lifetime import JobReport, Points
+from .job_report import JobReport, Points
 
 
 def unavailable() -> str | None:

@@ -2,13 +2,12 @@
 
 Text by default (plain and stable when the output is not a terminal), ``--json`` for one JSON
 object, ``--plots DIR`` for PNG plots of loss and throughput per rank (needs matplotlib).
-How each figure is computed is documented in ``lifetime.py``.
+How each figure is computed is documented in ``collect.py``; the text is ``report_text``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import math
@@ -17,21 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
+from rich.console import Console, RenderableType
 from rich.text import Text
 
-from ugro.launcher.records import JOB_ID, JOB_ID_EXPECTED
+from ugro.common.identifiers import JOB_ID, JOB_ID_EXPECTED
 
-from .lifetime import (
-    DEFAULT_LOOKBACK,
-    EFFICIENCY_HELP,
-    JobNotFound,
-    JobReport,
-    collect,
-    parse_duration,
-)
+from .collect import collect
+from .job_report import DEFAULT_LOOKBACK, EFFICIENCY_HELP, JobNotFound, JobReport, parse_duration
+from .report_text import render_compare, render_report
 from .servers import Prometheus, QueryError, Unreachable
 
 EXIT_NO_JOB = 1  # no such job in Prometheus (or the plots could not be written)
@@ -39,7 +31,6 @@ EXIT_USAGE = 2  # a bad job id or option
 EXIT_UNAVAILABLE = 3  # Prometheus did not answer, or answered with an error
 
 QUERY_TIMEOUT_SECONDS = 30.0
-MISSING = "-"
 PLAIN_WIDTH = 100  # the width of text written to a file or a pipe, for stable output
 
 _EXIT_CODES = f"""\
@@ -65,7 +56,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         description="Sum a training job up over its lifetime, from Prometheus: duration, steps,\n"
         "samples and tokens, mean and peak throughput, initial/final/best loss, per-rank\n"
         "figures, GPU utilisation, memory and temperature, an efficiency score and the\n"
-        "alerts that fired. How each figure is computed: console/lifetime.py.",
+        "alerts that fired. How each figure is computed: console/collect.py.",
         epilog=f"{EFFICIENCY_HELP}\n\n{_EXIT_CODES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -245,317 +236,3 @@ def winners(reports: Sequence[JobReport]) -> dict[str, str | None]:
         best = pick(v for v, _, _ in known)
         out[name] = next(job for v, _, job in known if v == best)
     return out
-
-
-# -- formatting ------------------------------------------------------------------------------
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return MISSING
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    whole = round(seconds)
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60:02d} s"
-    if whole < 86400:
-        return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
-    return f"{whole // 86400} d {whole % 86400 // 3600:02d} h"
-
-
-def fmt_time(unix: float | None) -> str:
-    if unix is None:
-        return MISSING
-    moment = datetime.datetime.fromtimestamp(unix, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def fmt_count(value: float | None) -> str:
-    return MISSING if value is None else f"{value:,.0f}"
-
-
-def fmt_rate(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return MISSING
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
-
-
-def fmt_loss(value: float | None) -> str:
-    if value is None:
-        return MISSING
-    return f"{value:.4f}" if math.isfinite(value) else str(value)
-
-
-def fmt_share(value: float | None) -> str:
-    return MISSING if value is None else f"{100 * value:.1f} %"
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def fmt_step_time(seconds: float | None) -> str:
-    if seconds is None:
-        return MISSING
-    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def fmt_bytes(value: float | None) -> str:
-    return MISSING if value is None else f"{value / 1024**3:.1f} GiB"
-
-
-def fmt_celsius(value: float | None) -> str:
-    return MISSING if value is None else f"{value:.1f} °C"
-
-
-# -- the report ------------------------------------------------------------------------------
-
-
-def _section(title: str, rows: list[tuple[str, str]]) -> Group:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(min_width=13)
-    grid.add_column()
-    for name, value in rows:
-        grid.add_row(Text("  " + name), Text(value))
-    return Group(Text(title, style="bold"), grid)
-
-
-def efficiency_line(report: JobReport) -> str:
-    e = report.efficiency
-    return (
-        f"{e.score:.1f} / 100 = 100 × progress {fmt_ratio(e.progress)} × input "
-        f"{fmt_ratio(e.input)} × gpu {fmt_ratio(e.gpu)}"
-    )
-
-
-def render_report(report: JobReport) -> RenderableType:
-    r = report
-    steps = fmt_count(r.steps)
-    if r.target_steps is not None:
-        steps += f" of {fmt_count(r.target_steps)}"
-    heading = Text(f"Job {r.job_id}: {r.status}, {steps} steps", style="bold")
-    where = Text(
-        f"{fmt_time(r.start_time)} to {fmt_time(r.end_time)}, from Prometheus at {r.prometheus}\n"
-        f"(curves at {r.resolution_seconds:g} s resolution, rates over "
-        f"{r.rate_window_seconds:g} s windows)"
-    )
-    nodes = ", ".join(r.nodes) or MISSING
-    run = _section(
-        "Run",
-        [
-            (
-                "duration",
-                f"{fmt_duration(r.duration_seconds)} (training {fmt_duration(r.training_seconds)}"
-                f", start-up and the rest {fmt_duration(r.overhead_seconds)})",
-            ),
-            ("ranks", f"{fmt_count(r.world_size)} on {len(r.nodes)} node(s): {nodes}"),
-            ("steps", steps),
-            ("samples", fmt_count(r.samples)),
-            ("tokens", fmt_count(r.tokens)),
-        ],
-    )
-    throughput = _section(
-        "Throughput",
-        [
-            (
-                "tokens/s",
-                f"mean {fmt_rate(r.tokens_per_second_mean)} while training, "
-                f"peak {fmt_rate(r.tokens_per_second_peak)}",
-            ),
-            ("samples/s", f"mean {fmt_rate(r.samples_per_second_mean)} while training"),
-            ("step time", f"mean {fmt_step_time(r.step_seconds_mean)}"),
-        ],
-    )
-    firsts = ", ".join(
-        f"rank {rank.rank} at step {fmt_count(rank.loss_initial_step)}"
-        for rank in r.ranks
-        if rank.loss_initial is not None
-    )
-    reduction = r.loss_reduction_percent
-    initial = fmt_loss(r.loss_initial) + (f" (first samples: {firsts})" if firsts else "")
-    loss = _section(
-        "Loss (mean of the ranks)",
-        [
-            ("initial", initial),
-            ("final", fmt_loss(r.loss_final)),
-            ("best", f"{fmt_loss(r.loss_best)} (lowest point of the loss curve)"),
-            ("mean", f"{fmt_loss(r.loss_mean)} (every finite step)"),
-            ("reduction", MISSING if reduction is None else f"{reduction:.1f} %"),
-        ],
-    )  # fmt: skip
-    if r.gpu_count == 0 and r.gpu_utilization_mean is None:
-        gpus: RenderableType = Group(
-            Text("GPUs", style="bold"), Text("  none reported (the ranks name no GPU)")
-        )
-    else:
-        gpus = _section(
-            "GPUs",
-            [
-                ("count", str(r.gpu_count)),
-                ("utilisation", f"mean {fmt_share(r.gpu_utilization_mean)}"),
-                ("memory used", f"peak {fmt_bytes(r.gpu_memory_used_peak_bytes)}"),
-                (
-                    "temperature",
-                    f"mean {fmt_celsius(r.gpu_temperature_mean_celsius)}, "
-                    f"peak {fmt_celsius(r.gpu_temperature_peak_celsius)}",
-                ),
-            ],
-        )
-    efficiency = Group(
-        Text("Efficiency", style="bold"),
-        Text("  " + efficiency_line(r)),
-        Text("  (see `ugro report --help` for the factors)", style="dim"),
-    )
-    return Group(
-        heading,
-        where,
-        Text(),
-        run,
-        Text(),
-        throughput,
-        Text(),
-        loss,
-        Text(),
-        gpus,
-        Text(),
-        efficiency,
-        Text(),
-        Text("Ranks", style="bold"),
-        _ranks_work(r),
-        Text(),
-        _ranks_loss_gpu(r),
-        Text(),
-        Text("Alerts fired", style="bold"),
-        _alerts_table(r),
-    )
-
-
-def _table(*columns: str, right_from: int = 1) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="right" if i >= right_from else "left", no_wrap=True)
-    return table
-
-
-def _ranks_work(r: JobReport) -> Table:
-    table = _table(
-        "rank", "node", "steps", "tokens", "tokens/s", "step time", "data wait", "straggler",
-        "restarts", right_from=2,
-    )  # fmt: skip
-    for rank in r.ranks:
-        table.add_row(
-            str(rank.rank),
-            rank.node or MISSING,
-            fmt_count(rank.steps),
-            fmt_count(rank.tokens),
-            fmt_rate(rank.tokens_per_second_mean),
-            fmt_step_time(rank.step_seconds_mean),
-            fmt_share(rank.data_wait_share),
-            MISSING if rank.straggler_score_mean is None else f"{rank.straggler_score_mean:.2f}",
-            fmt_count(rank.restarts),
-        )
-    return table
-
-
-def _ranks_loss_gpu(r: JobReport) -> Table:
-    table = _table(
-        "rank", "loss initial", "at step", "final", "mean", "GPU util", "GPU memory peak",
-        "temp mean", "temp peak",
-    )  # fmt: skip
-    for rank in r.ranks:
-        table.add_row(
-            str(rank.rank),
-            fmt_loss(rank.loss_initial),
-            fmt_count(rank.loss_initial_step),
-            fmt_loss(rank.loss_final),
-            fmt_loss(rank.loss_mean),
-            fmt_share(rank.gpu_utilization_mean),
-            fmt_bytes(rank.gpu_memory_used_peak_bytes),
-            fmt_celsius(rank.gpu_temperature_mean_celsius),
-            fmt_celsius(rank.gpu_temperature_peak_celsius),
-        )
-    return table
-
-
-def _since_start(r: JobReport, unix: float | None) -> str:
-    """A moment as the time since the job started: ``+12.0 s``, ``-3.0 s`` (before it)."""
-    if unix is None:
-        return MISSING
-    offset = unix - r.start_time
-    return ("-" if offset < 0 else "+") + fmt_duration(abs(offset))
-
-
-def _alerts_table(r: JobReport) -> RenderableType:
-    if not r.alerts:
-        return Text("  none")
-    # Times since the job's start, at the curves' resolution; --json has them as Unix times.
-    table = _table("alert", "severity", "where", "first seen", "last seen", right_from=3)
-    for alert in r.alerts:
-        where = []
-        if alert.rank is not None:
-            where.append(f"rank {alert.rank}")
-        if alert.gpu_uuid:
-            where.append(alert.gpu_uuid)
-        if alert.node:
-            where.append(f"on {alert.node}")
-        table.add_row(
-            alert.alertname,
-            alert.severity or MISSING,
-            " ".join(where) or f"job {r.job_id}",
-            _since_start(r, alert.first_seen),
-            _since_start(r, alert.last_seen),
-        )
-    return table
-
-
-# -- the comparison --------------------------------------------------------------------------
-
-_COMPARE_ROWS: list[tuple[str, Callable[[JobReport], str]]] = [
-    ("status", lambda r: r.status),
-    ("started", lambda r: fmt_time(r.start_time)),
-    ("duration", lambda r: fmt_duration(r.duration_seconds)),
-    ("training time", lambda r: fmt_duration(r.training_seconds)),
-    ("ranks", lambda r: fmt_count(r.world_size)),
-    ("steps", lambda r: fmt_count(r.steps)),
-    ("tokens", lambda r: fmt_count(r.tokens)),
-    ("tokens/s mean", lambda r: fmt_rate(r.tokens_per_second_mean)),
-    ("tokens/s peak", lambda r: fmt_rate(r.tokens_per_second_peak)),
-    ("step time", lambda r: fmt_step_time(r.step_seconds_mean)),
-    ("loss initial", lambda r: fmt_loss(r.loss_initial)),
-    ("loss final", lambda r: fmt_loss(r.loss_final)),
-    ("loss best", lambda r: fmt_loss(r.loss_best)),
-    ("loss reduction", lambda r: _percent(r.loss_reduction_percent)),
-    ("GPU util mean", lambda r: fmt_share(r.gpu_utilization_mean)),
-    ("GPU memory peak", lambda r: fmt_bytes(r.gpu_memory_used_peak_bytes)),
-    ("GPU temp peak", lambda r: fmt_celsius(r.gpu_temperature_peak_celsius)),
-    ("efficiency", lambda r: f"{r.efficiency.score:.1f}"),
-    ("alerts fired", lambda r: str(len(r.alerts))),
-]
-
-
-def _percent(value: float | None) -> str:
-    return MISSING if value is None else f"{value:.1f} %"
-
-
-def render_compare(reports: Sequence[JobReport], best: dict[str, str | None]) -> RenderableType:
-    table = _table("", *(r.job_id for r in reports))
-    for name, figure in _COMPARE_ROWS:
-        table.add_row(name, *(figure(r) for r in reports))
-    by_id = {r.job_id: r for r in reports}
-
-    def named(criterion: str, title: str, figure: Callable[[JobReport], str]) -> Text:
-        job = best.get(criterion)
-        line = Text(f"{title:<16}")
-        if job is None:
-            return line.append(MISSING)
-        return line.append(job, style="bold").append(f" ({figure(by_id[job])})")
-
-    return Group(
-        table,
-        Text(),
-        named("throughput", "best throughput", lambda r: f"{fmt_rate(r.tokens_per_second_mean)}"
-              " tokens/s while training"),
-        named("loss", "best loss", lambda r: f"final {fmt_loss(r.loss_final)}"),
-        named("fastest", "fastest", lambda r: f"{fmt_step_time(r.step_seconds_mean)} per step"),
-        named("efficiency", "most efficient", lambda r: f"{r.efficiency.score:.1f} / 100"),
-    )  # fmt: skip

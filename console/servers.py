@@ -21,9 +21,10 @@ import urllib.request
 from typing import Any
 
 from ugro.common.messages import shown
+from ugro.common.ports import DEFAULT_ALERTMANAGER_PORT, DEFAULT_PROMETHEUS_PORT
 
-DEFAULT_PROMETHEUS_URL = "http://localhost:9090"
-DEFAULT_ALERTMANAGER_URL = "http://localhost:9093"
+DEFAULT_PROMETHEUS_URL = f"http://localhost:{DEFAULT_PROMETHEUS_PORT}"
+DEFAULT_ALERTMANAGER_URL = f"http://localhost:{DEFAULT_ALERTMANAGER_PORT}"
 # Far above a real answer (a report's range query of a large job is a few MB); below what
 # would hurt this machine to hold and parse.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -41,7 +42,7 @@ def default_alertmanager_url() -> str:
 
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot name a server to query, or None when it can."""
-    expected = "expected an http:// or https:// URL with a host, e.g. http://localhost:9090"
+    expected = f"expected an http:// or https:// URL with a host, e.g. {DEFAULT_PROMETHEUS_URL}"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number 0..65535

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+# Dependency-free: the exporter imports no other part of ugro.
+from ugro.common.ports import DEFAULT_EXPORTER_PORT, host_port
+
 from .gpu import GpuCollector
 from .health import HealthCollector, TimedCollector
 from .host import HostCollector
 from .nvml import Nvml, NvmlUnavailable, load_module
 
-DEFAULT_PORT = 9490  # just below the trainer ranks' default base port, 9500
-DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_EXPORTER_PORT}"
 EXIT_USAGE = 2
 _ONCE_CPU_WINDOW_SECONDS = 0.25
 
@@ -47,7 +49,7 @@ class ListenAddress:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def parse_listen(value: str) -> ListenAddress:
@@ -62,7 +64,10 @@ def parse_listen(value: str) -> ListenAddress:
         except ValueError:
             raise UsageError(f"--listen {value!r}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
-        raise UsageError(f"--listen {value!r}: write IPv6 addresses in brackets, e.g. [::1]:9490")
+        raise UsageError(
+            f"--listen {value!r}: write IPv6 addresses in brackets, "
+            f"e.g. [::1]:{DEFAULT_EXPORTER_PORT}"
+        )
     # isdigit() alone accepts "²" (which int() refuses) and "٣٠٠٠١" (which int() reads as 30001).
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"--listen {value!r}: expected a port number 0..65535 after the colon")

@@ -14,6 +14,8 @@ from collections import Counter
 
 import psutil
 
+from ugro.common.identifiers import JOB_ID, JOB_ID_EXPECTED
+
 from . import records
 from .inventory import THIS_MACHINE, Inventory, InventoryError, Node, load_inventory, same_machine
 from .launch import (
@@ -229,8 +231,8 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
             f"{inventory.defaults.metrics_base_port} + {args.nproc_per_node} ranks passes 65535"
         )
     job_id = args.job_id if args.job_id is not None else default_job_id(command)
-    if not records.JOB_ID.fullmatch(job_id):
-        raise UsageError(f"--job-id {job_id!r}: expected {records.JOB_ID_EXPECTED}")
+    if not JOB_ID.fullmatch(job_id):
+        raise UsageError(f"--job-id {job_id!r}: expected {JOB_ID_EXPECTED}")
     nodes = selected_nodes(inventory, args.nodes)
     clash = same_machine(nodes)
     if clash is not None:

@@ -20,16 +20,15 @@ from typing import Any
 import psutil
 
 from ugro.common.config_files import ConfigFileError, load_yaml
+from ugro.common.identifiers import NODE_NAME
 from ugro.common.messages import shown
+from ugro.common.ports import DEFAULT_EXPORTER_PORT, DEFAULT_METRICS_BASE_PORT
 
-DEFAULT_EXPORTER_PORT = 9490
-DEFAULT_METRICS_BASE_PORT = 9500
 DEFAULT_SSH_PORT = 22
 # Per user: a shared one (/tmp/ugro) would let one user plant files that another user's
 # agent then writes to. Expanded on each node, for the user the launcher logs in as.
 DEFAULT_WORKDIR = "~/.local/state/ugro/node"
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # DNS name, IPv4 or IPv6 (``::1`` too); never a leading "-", which ssh would take for an option
 HOST = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.:-]{0,252}|::[A-Fa-f0-9.:]{0,250})$")
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -225,7 +224,7 @@ def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str,
     where = f"nodes[{index}]"
     fields = _Fields(path, where, data, {"name", "host", "ssh_port", "user", "identity_file",
                                          "gpus"})  # fmt: skip
-    name = fields.text("name", NAME, "a node name of letters, digits, '.', '_' or '-'")
+    name = fields.text("name", NODE_NAME, "a node name of letters, digits, '.', '_' or '-'")
     inherited = _Fields(path, "defaults", defaults, set(defaults))
     return Node(
         name=name,

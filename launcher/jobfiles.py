@@ -25,11 +25,10 @@ import contextlib
 import errno
 import os
 import pathlib
-import re
 import stat
-import tempfile
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from ugro.common.files import write_atomically
+from ugro.common.identifiers import JOB_ID
 
 COMMAND = "command.json"
 OUTPUT = "output.log"
@@ -40,8 +39,10 @@ EXIT_CODE = "exit_code"
 
 
 def check_name(value: str, what: str = "name") -> str:
-    """``value`` if it is a safe job id or node name, else ValueError naming ``what``."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+    """``value`` if it is a safe job id or node name, else ValueError naming ``what``. Node
+    names are held to the job id's pattern, which allows every inventory node name and is all
+    that a path component needs."""
+    if not isinstance(value, str) or not JOB_ID.fullmatch(value):
         raise ValueError(
             f"{what} {value!r}: expected 1 to 128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -127,18 +128,9 @@ def open_append(path: pathlib.Path) -> int:
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Readers see either no file or the whole text: temp file in the same folder + rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Readers see either no file or the whole text. Private (0600), in a job directory that
+    must already exist: it was made and checked by :func:`private_dirs`."""
+    write_atomically(path, text, mode=0o600, make_parents=False)
 
 
 def read_text(path: pathlib.Path) -> str | None:

@@ -15,19 +15,17 @@ import contextlib
 import json
 import os
 import pathlib
-import re
 from dataclasses import MISSING as _MISSING
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import psutil
 
+from ugro.common.files import write_atomically
+from ugro.common.identifiers import JOB_ID, JOB_ID_EXPECTED
 from ugro.common.messages import shown
 
-from .targets import write_atomically
-
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-JOB_ID_EXPECTED = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# JOB_ID and JOB_ID_EXPECTED stay importable from here too: the console's commands import them.
 
 # A job's states, as `status` and `list` show them.
 RUNNING, FINISHED, FAILED, STOPPED = "running", "finished", "failed", "stopped"

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import paramiko
 from fabric import Connection
 
+from ugro.common.ports import host_port
+
 from .inventory import Node
 from .known_hosts import (
     HostKeyPolicy,
@@ -113,7 +115,7 @@ class SshShell:
 
     @property
     def where(self) -> str:
-        return f"{self.node.name} ({_host_port(self.node.host, self.node.ssh_port)})"
+        return f"{self.node.name} ({host_port(self.node.host, self.node.ssh_port)})"
 
     def _open(self) -> None:
         with self._lock:
@@ -235,10 +237,6 @@ class SshShell:
 
 def shell_for(node: Node, options: SshOptions) -> LocalShell | SshShell:
     return LocalShell(node) if node.is_local else SshShell(node, options)
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _fingerprint(key: paramiko.PKey) -> str:

@@ -8,13 +8,13 @@ at any moment, so each is written to a temporary file in the same folder and ren
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from ugro.common.files import write_atomically
+from ugro.common.ports import host_port
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def rank_targets(job_id: str, endpoints: Iterable[RankEndpoint]) -> str:
     return target_text(
         [
             {
-                "targets": [_address(e.host, e.port)],
+                "targets": [host_port(e.host, e.port)],
                 "labels": {"job_id": job_id, "rank": str(e.rank), "node": e.node},
             }
             for e in sorted(endpoints, key=lambda e: e.rank)
@@ -42,28 +42,7 @@ def rank_targets(job_id: str, endpoints: Iterable[RankEndpoint]) -> str:
 
 
 def node_target(node: str, host: str, port: int) -> str:
-    return target_text([{"targets": [_address(host, port)], "labels": {"node": node}}])
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader sees the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    return target_text([{"targets": [host_port(host, port)], "labels": {"node": node}}])
 
 
 class LocalTargets:

@@ -21,7 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-DEFAULT_METRICS_BASE_PORT = 9500
+# Dependency-free modules of ugro.common: the trainer imports nothing else of ugro's.
+from ugro.common.identifiers import JOB_ID
+from ugro.common.ports import DEFAULT_METRICS_BASE_PORT
+
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
 DEFAULT_JOB_ID = "local"
 # At close, the longest wait for one more scrape (Prometheus's default interval is 60 s, ugro's
@@ -31,9 +34,6 @@ DEFAULT_FINAL_SCRAPE_TIMEOUT_SECONDS = 30.0
 # Port-taken policy: "continue" trains on without telemetry, "fail" stops before the first step.
 PortTakenPolicy = Literal["continue", "fail"]
 PORT_TAKEN_POLICIES: tuple[str, ...] = ("continue", "fail")
-
-# Job ids become Prometheus label values and file names; keep them to a safe alphabet.
-_JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # NVML names a GPU "GPU-<uuid>" (a MIG instance "MIG-<uuid>"); the node exporter labels with that.
 _GPU_UUID_PATTERN = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]{1,100}$")
@@ -133,7 +133,7 @@ class TelemetryConfig:
             )
 
         resolved_job_id = job_id if job_id is not None else env.get("UGRO_JOB_ID", DEFAULT_JOB_ID)
-        if not _JOB_ID_PATTERN.fullmatch(resolved_job_id):
+        if not JOB_ID.fullmatch(resolved_job_id):
             raise TelemetryConfigError(
                 f"UGRO_JOB_ID={resolved_job_id!r}: expected 1-128 characters of letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit"

@@ -21,6 +21,9 @@ from typing import IO, Any
 
 import psutil
 
+from ugro.common.ports import host_port
+from ugro.common.processes import NotReady, ProcessExited, stop_process_group, wait_until_ready
+
 from .. import jobfiles
 from ..jobfiles import read_process_ref, write_atomic
 from .base import bind_error, describe_os_error, detach, environment_outside_jobs
@@ -58,7 +61,7 @@ def ensure_exporter(
         if error is not None:
             return {
                 "state": "failed",
-                "reason": f"cannot listen on {_host_port(listen_address, port)}: {error.strerror}",
+                "reason": f"cannot listen on {host_port(listen_address, port)}: {error.strerror}",
             }
         return _start_exporter(port, node, listen_address, host, log)
 
@@ -71,7 +74,7 @@ def _start_exporter(
         "-m",
         "ugro.exporter",
         "--listen",
-        _host_port(listen_address, port),
+        host_port(listen_address, port),
         "--node",
         node,
     ]
@@ -91,34 +94,35 @@ def _start_exporter(
             env=environment_outside_jobs(),
             start_new_session=True,
         )
-    deadline = time.monotonic() + EXPORTER_START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        code = exporter.poll()
-        if code is not None:
-            return {
-                "state": "failed",
-                "reason": f"ugro-exporter exited with code {code} at start; "
-                f"last lines of {log}:\n{tail_text(log, EXPORTER_FAILURE_LOG_LINES)}",
-            }
-        if _exporter_answers(host, port, 1.0):
-            detach(exporter)
-            with contextlib.suppress(psutil.Error, OSError):
-                ref = jobfiles.format_process_ref(
-                    exporter.pid, psutil.Process(exporter.pid).create_time()
-                )
-                write_atomic(log.with_suffix(".pid"), ref)
-            return {"state": "started", "pid": exporter.pid, "log": str(log)}
-        time.sleep(0.1)
-    # Silent after 15 s is broken: remove it, so that the next attempt does not find it.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(exporter.pid, signal.SIGKILL)
-    exporter.wait()
-    return {
-        "state": "failed",
-        "reason": f"ugro-exporter did not answer on port {port} within "
-        f"{EXPORTER_START_TIMEOUT_SECONDS:g} s; last lines of {log}:\n"
-        f"{tail_text(log, EXPORTER_FAILURE_LOG_LINES)}",
-    }
+    try:
+        wait_until_ready(
+            lambda: _exporter_answers(host, port, 1.0),
+            EXPORTER_START_TIMEOUT_SECONDS,
+            process=exporter,
+            interval=0.1,
+        )
+    except ProcessExited as exited:
+        return {
+            "state": "failed",
+            "reason": f"ugro-exporter exited with code {exited.returncode} at start; "
+            f"last lines of {log}:\n{tail_text(log, EXPORTER_FAILURE_LOG_LINES)}",
+        }
+    except NotReady:
+        # Silent after 15 s is broken: remove it, so that the next attempt does not find it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(exporter.pid, signal.SIGKILL)
+        exporter.wait()
+        return {
+            "state": "failed",
+            "reason": f"ugro-exporter did not answer on port {port} within "
+            f"{EXPORTER_START_TIMEOUT_SECONDS:g} s; last lines of {log}:\n"
+            f"{tail_text(log, EXPORTER_FAILURE_LOG_LINES)}",
+        }
+    detach(exporter)
+    with contextlib.suppress(psutil.Error, OSError):
+        ref = jobfiles.format_process_ref(exporter.pid, psutil.Process(exporter.pid).create_time())
+        write_atomic(log.with_suffix(".pid"), ref)
+    return {"state": "started", "pid": exporter.pid, "log": str(log)}
 
 
 def stop_exporter(node: str, workdir: str) -> dict[str, Any]:
@@ -130,18 +134,10 @@ def stop_exporter(node: str, workdir: str) -> dict[str, Any]:
     if not process_alive(ref):
         pid_file.unlink(missing_ok=True)
         return {"state": "not_running"}
-    process = psutil.Process(ref[0])
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(ref[0], signal.SIGTERM)  # it leads a session of its own
-    try:
-        process.wait(EXPORTER_STOP_GRACE_SECONDS)
-    except psutil.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(ref[0], signal.SIGKILL)
-        with contextlib.suppress(psutil.Error):
-            process.wait(EXPORTER_STOP_GRACE_SECONDS)
-    except psutil.NoSuchProcess:
-        pass
+    # It leads a session of its own. Stuck even after SIGKILL: reported stopped all the same,
+    # as there is nothing more to do.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        stop_process_group(ref[0], EXPORTER_STOP_GRACE_SECONDS)
     pid_file.unlink(missing_ok=True)
     return {"state": "stopped", "pid": ref[0]}
 
@@ -155,17 +151,13 @@ def _probe_host(listen_address: str) -> str:
     return listen_address
 
 
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _exporter_answers(host: str, port: int, timeout: float) -> bool:
     """Does a ugro-exporter serve /metrics there? (A node's http_proxy is not used.)"""
     try:
-        with _NO_PROXY.open(f"http://{_host_port(host, port)}/metrics", timeout=timeout) as reply:
+        with _NO_PROXY.open(f"http://{host_port(host, port)}/metrics", timeout=timeout) as reply:
             return b"ugro_exporter_" in reply.read()
     except (OSError, ValueError):  # refused, timed out, not HTTP, an error status
         return False

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ugro.console import cli, report
+from ugro.console.gather import gather
 from ugro.console.servers import Alertmanager, Prometheus, QueryError, Unreachable
-from ugro.console.watch import gather
 
 JOB = "bad-servers"
 TRICKLE_SECONDS = 0.5  # between the bytes of a trickling server

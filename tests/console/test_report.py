@@ -39,7 +39,7 @@ from tests.support.net import free_port
 from tests.support.stack import AlertStack
 from tests.support.training import TrainingJob
 from ugro.console import cli, report
-from ugro.console.lifetime import JobReport, parse_duration
+from ugro.console.job_report import JobReport, parse_duration
 from ugro.console.servers import Prometheus
 
 GPU_JOB, CPU_JOB = "rep-a", "rep-b"

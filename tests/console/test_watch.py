@@ -28,18 +28,18 @@ from tests.support.models import SMALL_MODEL
 from tests.support.net import free_port
 from tests.support.stack import AlertStack
 from tests.support.training import TrainingJob
+from ugro.console.gather import gather
 from ugro.console.servers import Alertmanager, Prometheus
-from ugro.console.watch import (
+from ugro.console.snapshot import (
     AlertState,
     JobSnapshot,
     RankState,
-    gather,
     job_rates,
     job_status,
     rank_status,
-    render,
     with_record,
 )
+from ugro.console.watch import render
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The fake NVML's GPUs (tests/exporter/fake_nvml.py), one per local rank.

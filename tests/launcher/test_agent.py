@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from ugro.common.ports import free_port
 from ugro.launcher.agent.base import JOB_MARKER_ENV
 from ugro.launcher.agent.preflight import nvml_gpu_count
 from ugro.launcher.agent.start import START_SETTLE_SECONDS
@@ -158,12 +159,6 @@ def exporters() -> Iterator[list[int]]:
                 process.wait(10)
         except psutil.Error:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- preflight

@@ -12,7 +12,6 @@ import os
 import pathlib
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from tests.support import wait_for
+from ugro.common.ports import free_port
 
 LAUNCH = [sys.executable, "-m", "ugro.launcher.cli"]
 TRAINER = [
@@ -28,12 +28,6 @@ TRAINER = [
     *("--width", "64", "--depth", "1", "--batch-size", "8", "--context", "32"),
 ]
 NODE = "here"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def job_processes(job_id: str) -> list[str]:

@@ -17,6 +17,7 @@ import yaml
 
 from tests.support import wait_for
 from tests.support.stack import AlertStack
+from ugro.common.ports import free_port
 from ugro.launcher.agent.start import START_SETTLE_SECONDS
 
 SMALL_TRAINER = [
@@ -382,8 +383,8 @@ def test_a_localhost_node_runs_without_ssh(tmp_path):
                     "python": sys.executable,
                     "workdir": str(tmp_path / "work"),
                     "min_free_disk_gb": 0,
-                    "exporter_port": _free_port(),
-                    "metrics_base_port": _free_port(),
+                    "exporter_port": free_port(),
+                    "metrics_base_port": free_port(),
                     # No Prometheus here: no scrape comes for a rank to wait for.
                     "env": {"OMP_NUM_THREADS": "1", "UGRO_FINAL_SCRAPE_TIMEOUT": "0"},
                 },
@@ -397,7 +398,7 @@ def test_a_localhost_node_runs_without_ssh(tmp_path):
     try:
         result = subprocess.run(
             [*LAUNCH, "run", f"--inventory={inventory}", "--job-id=local-job", "--wait",
-             f"--rdzv-port={_free_port()}", "--known-hosts=/nonexistent", "--", *short],
+             f"--rdzv-port={free_port()}", "--known-hosts=/nonexistent", "--", *short],
             capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr + result.stdout
@@ -410,14 +411,6 @@ def test_a_localhost_node_runs_without_ssh(tmp_path):
             if "ugro.exporter" in cmdline and "--node here" in cmdline.replace("=", " "):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_targets_on_a_prometheus_host_are_written_over_ssh(launcher, tmp_path):

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from tests.support.net import free_port
 from tests.support.stack import AlertStack
+from ugro.common.ports import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

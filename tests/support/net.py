@@ -1,16 +1,12 @@
-"""Talking to local servers: a free loopback port, a JSON request."""
+"""Talking to local servers: a JSON request (and a free loopback port, from ugro.common)."""
 
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# Kept importable from here for the tests that still do.
+from ugro.common.ports import free_port as free_port
 
 
 def http_json(url: str, data: object | None = None, timeout: float = 5.0) -> object:

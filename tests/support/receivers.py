@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.support.net import free_port
+from ugro.common.ports import free_port
 
 # aiosmtpd warns on every connection that AUTH without TLS is unsafe: this server listens on
 # loopback only, and Go's SMTP client sends PLAIN credentials in clear to localhost only.

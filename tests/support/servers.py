@@ -14,7 +14,6 @@ import contextlib
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -23,6 +22,8 @@ from typing import Protocol
 
 import pytest
 import yaml
+
+from ugro.common.processes import stop_process_group
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -75,15 +76,7 @@ class LocalProcess(subprocess.Popen):
     """A server binary in its own process group, so stopping it stops all it started."""
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.wait(timeout=grace)
+        stop_process_group(self, grace)
 
 
 @dataclass(frozen=True)

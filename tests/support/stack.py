@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import yaml
 
-from tests.support.net import free_port, http_json
+from tests.support.net import http_json
 from tests.support.receivers import MailSink, SlackWebhookRecorder
 from tests.support.servers import ServerProcess, server
 from ugro.alerts.rules_file import render
+from ugro.common.ports import free_ports
+from ugro.common.processes import NotReady, ProcessExited, wait_until_ready
 from ugro.console.localstack import alertmanager_config, prometheus_config
 from ugro.launcher.targets import LocalTargets
 
@@ -40,16 +40,12 @@ SMTP_PASSWORD = "smtp-secret-for-tests"
 
 
 def _wait_ready(url: str, process: ServerProcess, log: pathlib.Path, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} not ready after 30 s:\n{log.read_text()}")
+    try:
+        wait_until_ready(url, 30, process=process, what=what, probe_timeout=2)
+    except ProcessExited:
+        raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()}") from None
+    except NotReady:
+        raise RuntimeError(f"{what} not ready after 30 s:\n{log.read_text()}") from None
 
 
 @dataclass
@@ -63,8 +59,7 @@ class AlertStack:
         self.slack = SlackWebhookRecorder()
         self.mail = MailSink(SMTP_PASSWORD)
         self.targets = LocalTargets(self.workdir / "targets")
-        self.prometheus_port = free_port()
-        self.alertmanager_port = free_port()
+        self.prometheus_port, self.alertmanager_port = free_ports(2)
         self.processes: list[ServerProcess] = []
         try:
             self._start_alertmanager()

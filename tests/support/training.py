@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import threading
 
-from tests.support.net import free_port
 from tests.support.stack import AlertStack
-from ugro.console.localstack import free_port_block
+from ugro.common.ports import free_port, free_port_block
+from ugro.common.processes import stop_process_group
 from ugro.launcher.targets import RankEndpoint
 
 
@@ -21,18 +20,6 @@ def _start(argv: list[str], log: pathlib.Path, env: dict[str, str] | None = None
         return subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-
-
-def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=grace)
 
 
 class TrainingJob:
@@ -118,5 +105,5 @@ class TrainingJob:
         raise LookupError(f"rank {rank} of job {self.job_id} not found")
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process_group(self.process, grace=10.0)
         self._watcher.join(5)

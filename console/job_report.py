@@ -1,0 +1,197 @@
+"""A training job's figures over its lifetime, as ``ugro report`` and ``ugro compare`` show
+them: ``JobReport`` and its parts, in the units of the metrics (seconds, bytes, ratios in 0..1,
+Unix seconds; None where unknown). How each figure is made: ``collect``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_LOOKBACK = "7d"
+
+EFFICIENCY_FORMULA = "efficiency = 100 × progress × input × gpu"
+EFFICIENCY_HELP = f"""\
+{EFFICIENCY_FORMULA}, each factor in 0..1:
+  progress  share of the report's points from the first step (plus one rate window) to
+            the last at which some rank completed a step within the preceding rate window
+            (rate(ugro_train_steps_total) > 0): stalls lower it, start-up does not; a run
+            shorter than one rate window is judged by the scrape intervals in which the
+            step counter rose;
+  input     1 - the largest per-rank share of stepping time spent waiting for the next
+            batch (ugro_train_data_wait_seconds_total): under synchronous DDP the slowest
+            input pipeline sets every rank's pace;
+  gpu       mean GPU utilisation of the job's GPUs over its lifetime
+            (job:ugro_gpu_utilization:avg_ratio).
+A factor that cannot be measured (a CPU job has no GPU readings, a loop that does not time
+its data loading has no data wait) counts as 1 and is shown as n/a."""
+
+_DURATION = re.compile(r"^([0-9]+)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class JobNotFound(LookupError):
+    """Prometheus has no series of the job within the lookback window."""
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``36h``, ``7d``, ``2w`` → seconds; ValueError otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r}: expected a positive whole number and a unit s, m, h, d or w")
+    return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+@dataclass
+class RankFigures:
+    """One rank over the job's lifetime; None where the rank did not report the figure."""
+
+    rank: int
+    node: str | None = None
+    gpu_uuid: str | None = None
+    steps: int | None = None
+    samples: int | None = None
+    tokens: int | None = None
+    restarts: int | None = None
+    training_seconds: float | None = None
+    tokens_per_second_mean: float | None = None
+    step_seconds_mean: float | None = None
+    data_wait_share: float | None = None
+    straggler_score_mean: float | None = None
+    loss_initial: float | None = None
+    loss_initial_step: int | None = None
+    loss_final: float | None = None
+    loss_mean: float | None = None
+    gpu_utilization_mean: float | None = None
+    gpu_memory_used_peak_bytes: float | None = None
+    gpu_temperature_mean_celsius: float | None = None
+    gpu_temperature_peak_celsius: float | None = None
+
+
+@dataclass
+class FiredAlert:
+    alertname: str
+    severity: str | None
+    rank: str | None
+    node: str | None
+    gpu_uuid: str | None
+    first_seen: float | None  # Unix seconds, at the report's resolution
+    last_seen: float | None
+
+
+@dataclass
+class Efficiency:
+    score: float
+    progress: float | None
+    input: float | None
+    gpu: float | None
+    formula: str = EFFICIENCY_FORMULA
+
+
+Points = list[tuple[float, float]]  # (Unix seconds, value)
+
+
+@dataclass
+class Curves:
+    """The series behind the plots, at ``JobReport.resolution_seconds``."""
+
+    loss: dict[int, Points] = field(default_factory=dict)  # per rank, ugro_train_loss_last
+    loss_job: Points = field(default_factory=list)  # mean over ranks
+    tokens_rate: dict[int, Points] = field(default_factory=dict)  # job_rank:…tokens:rate1m
+
+
+@dataclass
+class JobReport:
+    job_id: str
+    prometheus: str
+    status: str
+    start_time: float  # the launch, where ugro-launch's record is here; else the first telemetry
+    end_time: float
+    duration_seconds: float
+    training_seconds: float | None
+    resolution_seconds: float
+    rate_window_seconds: float
+    world_size: int | None
+    nodes: list[str]
+    steps: int | None
+    target_steps: int | None
+    samples: int | None
+    tokens: int | None
+    tokens_per_second_mean: float | None
+    tokens_per_second_peak: float | None
+    samples_per_second_mean: float | None
+    step_seconds_mean: float | None
+    loss_initial: float | None
+    loss_final: float | None
+    loss_best: float | None
+    loss_mean: float | None
+    gpu_count: int
+    gpu_utilization_mean: float | None
+    gpu_memory_used_peak_bytes: float | None
+    gpu_temperature_mean_celsius: float | None
+    gpu_temperature_peak_celsius: float | None
+    efficiency: Efficiency
+    ranks: list[RankFigures]
+    alerts: list[FiredAlert]
+    curves: Curves = field(default_factory=Curves, repr=False)
+
+    @property
+    def loss_reduction_percent(self) -> float | None:
+        if self.loss_initial is None or self.loss_final is None or self.loss_initial <= 0:
+            return None
+        return 100.0 * (self.loss_initial - self.loss_final) / self.loss_initial
+
+    @property
+    def overhead_seconds(self) -> float | None:
+        if self.training_seconds is None:
+            return None
+        return max(0.0, self.duration_seconds - self.training_seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        """One JSON object with stable keys: numbers as numbers, null where unknown."""
+        return {
+            "job_id": self.job_id,
+            "prometheus": self.prometheus,
+            "status": self.status,
+            "time": {
+                "start": self.start_time,
+                "end": self.end_time,
+                "duration_seconds": self.duration_seconds,
+                "training_seconds": self.training_seconds,
+                "overhead_seconds": self.overhead_seconds,
+                "resolution_seconds": self.resolution_seconds,
+                "rate_window_seconds": self.rate_window_seconds,
+            },
+            "world_size": self.world_size,
+            "nodes": self.nodes,
+            "work": {
+                "steps": self.steps,
+                "target_steps": self.target_steps,
+                "samples": self.samples,
+                "tokens": self.tokens,
+            },
+            "throughput": {
+                "tokens_per_second_mean": self.tokens_per_second_mean,
+                "tokens_per_second_peak": self.tokens_per_second_peak,
+                "samples_per_second_mean": self.samples_per_second_mean,
+                "step_seconds_mean": self.step_seconds_mean,
+            },
+            "loss": {
+                "initial": self.loss_initial,
+                "final": self.loss_final,
+                "best": self.loss_best,
+                "mean": self.loss_mean,
+                "reduction_percent": self.loss_reduction_percent,
+            },
+            "gpu": {
+                "count": self.gpu_count,
+                "utilization_mean": self.gpu_utilization_mean,
+                "memory_used_peak_bytes": self.gpu_memory_used_peak_bytes,
+                "temperature_mean_celsius": self.gpu_temperature_mean_celsius,
+                "temperature_peak_celsius": self.gpu_temperature_peak_celsius,
+            },
+            "efficiency": asdict(self.efficiency),
+            "ranks": [asdict(rank) for rank in self.ranks],
+            "alerts": [asdict(alert) for alert in self.alerts],
+        }
