@@ -43,7 +43,7 @@ $(SETUP_STAMP): pyproject.toml
 	@echo "==> creating $(VENV) with ugro installed in editable mode"
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' -e '.[train,test,dev,dashboards,plots]'
+	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' -e '.[train,test,dev,dashboards,plots,hf,lightning]'
 	@touch $@
 
 demo: setup
@@ -58,6 +58,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/trainer_overhead.py
+	$(BIN)/python benchmarks/integration_overhead.py
 	$(BIN)/python benchmarks/exporter_scrape.py
 	$(BIN)/python benchmarks/alert_latency.py
 	$(BIN)/python benchmarks/launch_scaling.py
