@@ -125,6 +125,31 @@ TRAINING = [
     ),
 ]
 
+TRAINING += [
+    Alert(
+        "TrainingTensorCoresIdle",
+        "info",
+        c.TENSOR_IDLE,
+        lambda t: t.training.tensor_active_low_for,
+        "A training rank's GPU steps without using its tensor cores",
+        lambda t: (
+            RANK + ": its GPU's tensor pipes were busy {{ $value | humanizePercentage }} "
+            f"of the time (below {t.training.tensor_active_low_ratio}) while it kept stepping."
+        ),
+    ),
+    Alert(
+        "TrainingAllocatorRetries",
+        "warning",
+        c.ALLOCATOR_RETRIES,
+        lambda t: t.training.allocator_retries_for,
+        "A rank's CUDA memory allocator keeps running out of cached memory",
+        lambda t: (
+            RANK + ": {{ $value | humanize }} allocator retries in the last "
+            f"{t.training.allocator_retries_window}; an out-of-memory crash often follows."
+        ),
+    ),
+]
+
 GPU_ALERTS = [
     Alert(
         "GpuTemperatureHigh",
@@ -178,6 +203,17 @@ GPU_ALERTS = [
         lambda t: (
             GPU + " had {{ $value | humanize }} uncorrectable ECC error(s) in "
             f"{c.GPU_ERROR_WINDOW}."
+        ),
+    ),
+    Alert(
+        "GpuRecoveryRequested",
+        "critical",
+        c.GPU_RECOVERY,
+        lambda t: t.gpu.recovery_for,
+        "The driver asks for a GPU reset or a node reboot",
+        lambda t: (
+            GPU + " asks for recovery action {{ $value }} "
+            "(1 GPU reset, 2 node reboot, 3 drain peer-to-peer, 4 drain and reset)."
         ),
     ),
     Alert(

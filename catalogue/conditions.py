@@ -33,6 +33,8 @@ THROUGHPUT_DROP = "job:ugro_train_throughput_drop:condition"
 STRAGGLER = "job_rank:ugro_train_straggler:condition"
 RANKS_DOWN = "job:ugro_train_ranks_down:condition"
 GPU_UTILIZATION_LOW = "job_rank:ugro_gpu_utilization_low:condition"
+TENSOR_IDLE = "job_rank:ugro_gpu_tensor_idle:condition"
+ALLOCATOR_RETRIES = "job_rank:ugro_train_allocator_retries:condition"
 GPU_TEMPERATURE_WARNING = "gpu:ugro_gpu_temperature_warning:condition"
 GPU_TEMPERATURE_CRITICAL = "gpu:ugro_gpu_temperature_critical:condition"
 GPU_THROTTLED = "gpu:ugro_gpu_throttled:bool"  # a recording: "throttled" has no threshold
@@ -40,6 +42,7 @@ GPU_MEMORY_FULL = "gpu:ugro_gpu_memory_full:condition"
 GPU_XID = "gpu:ugro_gpu_xid:condition"
 GPU_ECC_UNCORRECTABLE = "gpu:ugro_gpu_ecc_uncorrectable:condition"
 GPU_LOST = "gpu:ugro_gpu_lost:condition"
+GPU_RECOVERY = "gpu:ugro_gpu_recovery_requested:condition"
 DISK_FULL_WARNING = "node:ugro_node_disk_full_warning:condition"
 DISK_FULL_CRITICAL = "node:ugro_node_disk_full_critical:condition"
 DISK_FILLING = "node:ugro_node_disk_filling:condition"
@@ -92,6 +95,20 @@ def training(t: Thresholds) -> list[Record]:
             GPU_UTILIZATION_LOW,
             f"job_rank:ugro_gpu_utilization:ratio < {tr.gpu_utilization_low_ratio}",
         ),
+        Record(
+            TENSOR_IDLE,
+            f"job_rank:ugro_gpu_tensor_active:ratio < {tr.tensor_active_low_ratio}\n"
+            "and on (job_id, rank) job_rank:ugro_train_steps:rate1m > 0",
+            why="A rank that steps while its GPU's tensor pipes stay (nearly) idle: GPUs without "
+            "GPM\nhave no tensor activity series and never match.",
+        ),
+        Record(
+            ALLOCATOR_RETRIES,
+            f"({new_events('ugro_train_cuda_alloc_retries_total', tr.allocator_retries_window)})\n"
+            f"> {tr.allocator_retries_count}",
+            why="CUDA caching-allocator retries (it freed its cache to satisfy an allocation) "
+            "within\nallocator_retries_window: memory is nearly exhausted; OOMs tend to follow.",
+        ),
     ]
 
 
@@ -113,6 +130,12 @@ def gpu(t: Thresholds) -> list[Record]:
             new_events('ugro_gpu_ecc_errors_total{type="uncorrected"}', GPU_ERROR_WINDOW),
         ),
         Record(GPU_LOST, "ugro_gpu_up == 0"),
+        Record(
+            GPU_RECOVERY,
+            "ugro_gpu_recovery_action > 0",
+            why="The driver's recovery action (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION): 1 GPU reset, "
+            "2 node\nreboot, 3 drain peer-to-peer, 4 drain and reset.",
+        ),
     ]
 
 

@@ -100,6 +100,28 @@ RATES = Group(
             "which is\nwhat the stall condition compares against.",
         ),
         Record(
+            "job_rank:ugro_train_model_flops:rate1m",
+            "rate(ugro_train_model_flops_total[1m])",
+            why="Model FLOPs per second (the FLOPs per token or sample the loop declared, times "
+            "what it\nprocessed): the numerator of MFU.",
+        ),
+        Record(
+            "job_rank:ugro_train_mfu:ratio1m",
+            "job_rank:ugro_train_model_flops:rate1m\n"
+            "/ on (job_id, rank) group_left ()\n"
+            "max by (job_id, rank) (ugro_train_peak_flops_per_second > 0)",
+            why="Model FLOPs utilisation (the PaLM definition): achieved model FLOP/s over the "
+            "device's\ndense peak for the training dtype. Absent where no peak is known (CPU, an "
+            "unlisted GPU).",
+        ),
+        Record(
+            "job:ugro_train_mfu:ratio1m",
+            "sum by (job_id) (job_rank:ugro_train_model_flops:rate1m\n"
+            "  and on (job_id, rank) (ugro_train_peak_flops_per_second > 0))\n"
+            "/ sum by (job_id) (ugro_train_peak_flops_per_second > 0)",
+            why="The job's MFU: its ranks' model FLOP/s over the sum of their peaks.",
+        ),
+        Record(
             "job:ugro_train_progress:ratio",
             "max by (job_id) (ugro_train_steps_total) / max by (job_id) (ugro_train_target_steps)",
         ),
@@ -159,6 +181,20 @@ rank's info series.""",
             "job_rank:ugro_gpu_temperature:celsius", on_rank_gpus("ugro_gpu_temperature_celsius")
         ),
         Record("job_rank:ugro_gpu_throttled:bool", on_rank_gpus("gpu:ugro_gpu_throttled:bool")),
+        Record(
+            "job_rank:ugro_gpu_sm_active:ratio",
+            on_rank_gpus("ugro_gpu_sm_active_ratio"),
+            why="Profiling-class activity (NVML GPM, Hopper and newer): the share of time the SMs, "
+            "the\ntensor pipes and DRAM were busy, per rank's GPU.",
+        ),
+        Record(
+            "job_rank:ugro_gpu_tensor_active:ratio", on_rank_gpus("ugro_gpu_tensor_active_ratio")
+        ),
+        Record("job_rank:ugro_gpu_dram_active:ratio", on_rank_gpus("ugro_gpu_dram_active_ratio")),
+        Record(
+            "job:ugro_gpu_sm_active:avg_ratio",
+            "avg by (job_id) (job_rank:ugro_gpu_sm_active:ratio)",
+        ),
         Record(
             "job:ugro_gpu_utilization:avg_ratio",
             "avg by (job_id) (job_rank:ugro_gpu_utilization:ratio)",

@@ -41,6 +41,11 @@ class TrainingThresholds:
     ranks_down_for: Duration
     gpu_utilization_low_ratio: float
     gpu_utilization_low_for: Duration
+    tensor_active_low_ratio: float
+    tensor_active_low_for: Duration
+    allocator_retries_count: float
+    allocator_retries_window: Duration
+    allocator_retries_for: Duration
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class GpuThresholds:
     xid_for: Duration
     ecc_uncorrectable_for: Duration
     lost_for: Duration
+    recovery_for: Duration
 
 
 @dataclass(frozen=True)
