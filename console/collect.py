@@ -41,6 +41,9 @@ README point here):
   ``ugro_train_loss_last`` at the report's resolution), the initial and final values included;
   *reduction* is ``(initial - final) / initial``.
 * **GPUs**, through the rank↔GPU join rules: mean of ``job:ugro_gpu_utilization:avg_ratio``
+  (and of ``job:ugro_gpu_sm_active:avg_ratio``, SM activity, where the GPUs report GPM; the
+  efficiency score's GPU factor uses it then). **MFU** is the mean of ``job:ugro_train_mfu:ratio1m``
+  (model FLOP/s over the devices' peak) where the loop declared its FLOPs and a peak is known.
   over the lifetime, peak of ``job_rank:ugro_gpu_memory_used:bytes``, mean and peak of
   ``job_rank:ugro_gpu_temperature:celsius``. All null for a job whose ranks name no GPU.
 * **Per rank**, besides the above: data-wait share = ``ugro_train_data_wait_seconds_total``
@@ -189,6 +192,10 @@ def collect(
     nodes = sorted({r.node for r in ranks if r.node})
 
     gpu_util = q.scalar("avg(avg_over_time(job:ugro_gpu_utilization:avg_ratio{$sel}[$w]))")
+    # Profiling-class SM activity (GPM, Hopper and newer) where the GPUs report it: NVML's
+    # utilisation counts a GPU busy inside one slow kernel as 100 %.
+    sm_active = q.scalar("avg(avg_over_time(job:ugro_gpu_sm_active:avg_ratio{$sel}[$w]))")
+    mfu = q.scalar("avg(avg_over_time(job:ugro_train_mfu:ratio1m{$sel}[$w]))")
     progress = None
     if last_step is not None:
         first_step = last_step - (training or 0.0)
@@ -200,7 +207,8 @@ def collect(
         else:  # a run shorter than one rate window: judge it scrape by scrape
             progress = _progress_between_scrapes(q, first_step, last_step, range_end)
     waits = [r.data_wait_share for r in ranks if r.data_wait_share is not None]
-    efficiency = _efficiency(progress, 1.0 - max(waits) if waits else None, gpu_util)
+    gpu_busy = sm_active if sm_active is not None else gpu_util
+    efficiency = _efficiency(progress, 1.0 - max(waits) if waits else None, gpu_busy)
     ranks_down = q.vector('ALERTS{alertname="TrainingRanksDown",alertstate="firing",$sel}')
     # Ranks that closed their telemetry normally: a loop without total_steps finishes too.
     ended = q.vector("last_over_time(ugro_train_end_time_seconds{$sel}[$w])")
@@ -232,6 +240,8 @@ def collect(
         loss_mean=loss_mean,
         gpu_count=len(gpus),
         gpu_utilization_mean=gpu_util,
+        gpu_sm_active_mean=sm_active,
+        mfu_mean=mfu,
         gpu_memory_used_peak_bytes=_max_known(r.gpu_memory_used_peak_bytes for r in ranks),
         gpu_temperature_mean_celsius=_mean_known(r.gpu_temperature_mean_celsius for r in ranks),
         gpu_temperature_peak_celsius=_max_known(r.gpu_temperature_peak_celsius for r in ranks),

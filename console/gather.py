@@ -60,6 +60,9 @@ def _queries(job_id: str) -> dict[str, str]:
         "stalled": f"group by (rank) ({conditions.STALLED}{{{j}}})",
         "straggling": f"group by (rank) ({conditions.STRAGGLER}{{{j}}})",
         "gpu_utilization": f"avg by (rank) (job_rank:ugro_gpu_utilization:ratio{{{j}}})",
+        "sm_active": f"avg by (rank) (job_rank:ugro_gpu_sm_active:ratio{{{j}}})",
+        "mfu": f"job_rank:ugro_train_mfu:ratio1m{{{j}}}",
+        "job_mfu": f"job:ugro_train_mfu:ratio1m{{{j}}}",
         "job_tokens_per_second": f"job:ugro_train_tokens:rate1m{{{j}}}",
         "job_loss_mean": f"job:ugro_train_loss:mean5m{{{j}}}",
         "job_progress": f"job:ugro_train_progress:ratio{{{j}}}",
@@ -177,6 +180,8 @@ def gather(job_id: str, prometheus: Prometheus, alertmanager: Alertmanager) -> J
         "straggler_score",
         "recent_nonfinite",
         "gpu_utilization",
+        "sm_active",
+        "mfu",
     )
     for name in (*per_rank, "last_step_at", "started_at", "ended_at", "tokens"):
         for sample in results[name]:
@@ -249,6 +254,7 @@ def gather(job_id: str, prometheus: Prometheus, alertmanager: Alertmanager) -> J
         steps_per_second=steps_per_second,
         tokens_per_second=tokens_per_second,
         loss_mean=job_value("job_loss_mean"),
+        mfu=job_value("job_mfu"),
         alerts=alerts,
         ranks_down_firing=bool(results["ranks_down_firing"]),
         alertmanager_error=alertmanager_error,

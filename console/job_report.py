@@ -22,8 +22,9 @@ EFFICIENCY_HELP = f"""\
   input     1 - the largest per-rank share of stepping time spent waiting for the next
             batch (ugro_train_data_wait_seconds_total): under synchronous DDP the slowest
             input pipeline sets every rank's pace;
-  gpu       mean GPU utilisation of the job's GPUs over its lifetime
-            (job:ugro_gpu_utilization:avg_ratio).
+  gpu       mean SM activity of the job's GPUs over its lifetime where they report it
+            (job:ugro_gpu_sm_active:avg_ratio, NVML GPM on Hopper and newer), else their
+            mean utilisation (job:ugro_gpu_utilization:avg_ratio).
 A factor that cannot be measured (a CPU job has no GPU readings, a loop that does not time
 its data loading has no data wait) counts as 1 and is shown as n/a."""
 
@@ -134,6 +135,8 @@ class JobReport:
     efficiency: Efficiency
     ranks: list[RankFigures]
     alerts: list[FiredAlert]
+    gpu_sm_active_mean: float | None = None  # GPM; None where the GPUs do not report it
+    mfu_mean: float | None = None  # None where the loop declared no FLOPs or no peak is known
     curves: Curves = field(default_factory=Curves, repr=False)
 
     @property
@@ -187,6 +190,8 @@ class JobReport:
             "gpu": {
                 "count": self.gpu_count,
                 "utilization_mean": self.gpu_utilization_mean,
+                "sm_active_mean": self.gpu_sm_active_mean,
+                "mfu_mean": self.mfu_mean,
                 "memory_used_peak_bytes": self.gpu_memory_used_peak_bytes,
                 "temperature_mean_celsius": self.gpu_temperature_mean_celsius,
                 "temperature_peak_celsius": self.gpu_temperature_peak_celsius,

@@ -99,6 +99,8 @@ def render_report(report: JobReport) -> RenderableType:
             [
                 ("count", str(r.gpu_count)),
                 ("utilisation", f"mean {fmt.share(r.gpu_utilization_mean)}"),
+                ("SM active", f"mean {fmt.share(r.gpu_sm_active_mean)} (GPM)"),
+                ("MFU", f"mean {fmt.share(r.mfu_mean)}"),
                 ("memory used", f"peak {fmt.gibibytes(r.gpu_memory_used_peak_bytes)}"),
                 (
                     "temperature",

@@ -57,6 +57,8 @@ class RankState:
     target_steps: float | None = None
     seconds_since_step: float | None = None
     gpu_utilization: float | None = None  # ratio 0..1; None when the rank has no GPU
+    sm_active: float | None = None  # GPM SM activity 0..1; None where the GPU has no GPM
+    mfu: float | None = None  # model FLOPs utilisation 0..1; None without FLOPs or a peak
     loss_last: float | None = None
     loss_mean: float | None = None  # mean over the last minute (finite losses)
     learning_rate: float | None = None
@@ -100,6 +102,7 @@ class JobSnapshot:
     steps_per_second: float | None = None
     tokens_per_second: float | None = None  # the whole job
     loss_mean: float | None = None  # the whole job, over 5 minutes
+    mfu: float | None = None  # the whole job, over 1 minute
     alerts: list[AlertState] = field(default_factory=list)
     ranks_down_firing: bool = False  # Prometheus fires TrainingRanksDown for the job
     # How ugro-launch's record on this machine says the job ended (finished, failed, stopped,

@@ -84,21 +84,33 @@ def _header(snapshot: JobSnapshot) -> Text:
     second.append(fmt.count(snapshot.tokens_per_second), style="bold")
     second.append(" tokens/s   mean loss (5 m) ")
     second.append(_loss(snapshot.loss_mean))
+    if snapshot.mfu is not None:
+        second.append("   MFU ")
+        second.append(fmt.share(snapshot.mfu), style="bold")
     return Text("\n").join([line, second])
 
 
 def _rank_table(snapshot: JobSnapshot) -> Table:
     table = Table(header_style="bold", box=None, pad_edge=False)
-    for name in ("Rank", "Node", "Step", "GPU", "Loss", "Loss 1m", "LR", "Tok/s", "Step time"):
+    # SM activity and MFU only when some rank has them (GPM GPUs; a loop that declared FLOPs).
+    sm = any(rank.sm_active is not None for rank in snapshot.ranks)
+    mfu = any(rank.mfu is not None for rank in snapshot.ranks)
+    names = ["Rank", "Node", "Step", "GPU", *(["SM"] if sm else []), *(["MFU"] if mfu else [])]
+    for name in (*names, "Loss", "Loss 1m", "LR", "Tok/s", "Step time"):
         table.add_column(name, justify="left" if name == "Node" else "right", no_wrap=True)
     table.add_column("Status", no_wrap=True)
     for rank in snapshot.ranks:
         gpu = rank.gpu_utilization
+        efficiency = [
+            *([fmt.share(rank.sm_active, digits=0)] if sm else []),
+            *([fmt.share(rank.mfu, digits=1)] if mfu else []),
+        ]
         table.add_row(
             str(rank.rank),
             rank.node or MISSING,
             fmt.count(rank.steps),
             fmt.share(gpu, digits=0),
+            *efficiency,
             _loss(rank.loss_last),
             _loss(rank.loss_mean),
             fmt.learning_rate(rank.learning_rate),

@@ -201,6 +201,18 @@ def test_a_job_without_series_says_so():
     assert not snapshot.complete and snapshot.outcome is None
 
 
+def test_sm_activity_and_mfu_show_only_where_some_rank_has_them():
+    plain = text_of(render(running_snapshot()), width=200)
+    assert "MFU" not in plain and " SM " not in plain
+    ranks = [rank_state(0, sm_active=0.42, mfu=0.385), rank_state(1, node="node-b")]
+    text = text_of(render(running_snapshot(ranks=ranks, mfu=0.3)), width=200)
+    header, *_ = [line for line in text.splitlines() if "Rank" in line]
+    assert "SM" in header and "MFU" in header
+    row = next(line for line in text.splitlines() if "node-a" in line)
+    assert "42 %" in row and "38.5 %" in row
+    assert "MFU 30.0 %" in text  # the job's, in the header
+
+
 # -- statuses ---------------------------------------------------------------------------------
 
 
