@@ -1,8 +1,8 @@
 """What a scrape of ``ugro-exporter`` costs, next to Debian's ``prometheus-node-exporter``.
 
 Both exporters run as subprocesses on loopback ports. ugro runs with the scripted fake NVML
-(``tests.exporter.fake_nvml``: 8 H100s, ``UGRO_FAKE_NVML_SLOW=1`` so the slow NVML queries take
-H100-like time in ugro's background poller, which is off the scrape path). Measured:
+(``tests.exporter.fake_nvml``: 8 H100s with GPM, ``UGRO_FAKE_NVML_SLOW=1`` so the slow NVML
+queries take H100-like time in ugro's background poller, which is off the scrape path). Measured:
 
 * ``startup_s`` — ugro, from ``Popen`` to the first HTTP 200 on ``/metrics``;
 * scrape latency — after a warm-up, the two are scraped alternately (which one goes first
@@ -16,7 +16,10 @@ H100-like time in ugro's background poller, which is off the scrape path). Measu
   it is part of what the exporter costs the node, as node_exporter's own per-scrape reads are;
 * series — sample lines (not ``#`` comments) in one scrape of each;
 * ``rss_growth_ratio`` — ugro's RSS after ``--soak`` further scrapes over its RSS before them;
-* ``sigterm_exit_s`` / ``sigterm_exit_code`` — how long ugro takes to exit on SIGTERM, and how.
+* ``sigterm_exit_s`` / ``sigterm_exit_code`` — how long ugro takes to exit on SIGTERM, and how;
+* ``poll_nvml_calls`` — NVML calls one background poll makes for the 8 GPUs (GPM sample and
+  metrics, field values, energy), counted in this process on the same scripted NVML, with
+  ``poll_nvml_calls_by_function`` and ``poll_s`` (one steady-state poll's wall time).
 
 The last line printed is one JSON object.
 
@@ -238,6 +241,34 @@ def sig(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
+def poller_calls() -> dict[str, object]:
+    """What one steady-state background poll costs in NVML calls, on the scripted H100s."""
+    # tests/ is importable only from the repository root.
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.exporter.fake_nvml import FakeNvml, h100s
+    from ugro.exporter.gpu import GpuCollector
+    from ugro.exporter.nvml import Nvml
+
+    fake = FakeNvml(h100s(GPUS), slow=True)
+    collector = GpuCollector(Nvml(fake))
+    try:
+        collector.poll()  # the first poll only takes GPM's first samples
+        time.sleep(0.05)
+        before = fake.calls.copy()
+        started = time.perf_counter()
+        collector.poll()
+        poll_s = time.perf_counter() - started
+        made = fake.calls - before
+    finally:
+        collector.close()
+    made.pop("nvmlEventSetWait_v2", None)  # the XID thread's wait, not the poller's
+    return {
+        "poll_nvml_calls": sum(made.values()),
+        "poll_nvml_calls_by_function": dict(sorted(made.items())),
+        "poll_s": sig(poll_s),
+    }
+
+
 def run(args: argparse.Namespace, binary: str, exporters: list[Exporter]) -> dict[str, object]:
     ugro = start_ugro(free_port())
     exporters.append(ugro)
@@ -319,7 +350,8 @@ def run(args: argparse.Namespace, binary: str, exporters: list[Exporter]) -> dic
         "scrapes": args.scrapes,
         "soak_scrapes": args.soak,
         "gpus": GPUS,
-        "nvml": "fake (scripted H100s)",
+        "nvml": "fake (scripted H100s, GPM)",
+        **poller_calls(),
         "ugro_p90_ms": sig(stats[0]["p90"]),
         "ugro_max_ms": sig(stats[0]["max"]),
         "node_exporter_p90_ms": sig(stats[1]["p90"]),

@@ -192,6 +192,15 @@ rank's info series.""",
         ),
         Record("job_rank:ugro_gpu_dram_active:ratio", on_rank_gpus("ugro_gpu_dram_active_ratio")),
         Record(
+            "job_rank:ugro_gpu_nvlink_throughput:bytes_per_second",
+            on_rank_gpus("ugro_gpu_nvlink_throughput_bytes_per_second"),
+            why="Interconnect traffic of each rank's GPU, per direction (tx, rx).",
+        ),
+        Record(
+            "job_rank:ugro_gpu_pcie_throughput:bytes_per_second",
+            on_rank_gpus("ugro_gpu_pcie_throughput_bytes_per_second"),
+        ),
+        Record(
             "job:ugro_gpu_sm_active:avg_ratio",
             "avg by (job_id) (job_rank:ugro_gpu_sm_active:ratio)",
         ),

@@ -32,7 +32,8 @@ README point here):
   from the number of samples a rank has). Rates are taken over a window of three scrape
   intervals or two resolution steps, whichever is longer (``rate_window_seconds``): the
   dashboards' one-minute rules would smear a job shorter than a few minutes, start-up included.
-  Peak throughput is the highest point of the job's token rate curve (the sum over ranks).
+  Peak throughput is the highest point of the job's token rate curve (the sum over ranks); a
+  run shorter than one rate window has no curve, and its mean throughput stands in.
 * **Loss.** Each rank's *initial* loss is its first finite ``ugro_train_loss_last`` sample (the
   loss of whichever step was last when Prometheus first scraped it; that step is reported
   too); its *final* loss is its last finite sample; its *mean* is ``loss_sum / loss_count`` at
@@ -231,7 +232,10 @@ def collect(
         samples=samples_total,
         tokens=tokens_total,
         tokens_per_second_mean=_rate(tokens_total, training or duration),
-        tokens_per_second_peak=peak,
+        # A run shorter than one rate window has no rate points: its mean is its only rate.
+        tokens_per_second_peak=peak
+        if peak is not None
+        else _rate(tokens_total, training or duration),
         samples_per_second_mean=_rate(samples_total, training or duration),
         step_seconds_mean=sum(step_means) / len(step_means) if step_means else None,
         loss_initial=loss_initial,

@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="print one scrape to standard output and exit"
     )
     parser.add_argument(
+        "--nvlink-per-link",
+        action="store_true",
+        help="also serve NVLink throughput per link (2 series per link and GPU: 36 on an H100)",
+    )
+    parser.add_argument(
+        "--tensor-pipes",
+        action="store_true",
+        help="also serve the tensor pipes by kind (HMMA, DFMA, IMMA; GPM GPUs only)",
+    )
+    parser.add_argument(
         "--nvml-module",
         default="pynvml",
         metavar="MODULE[:FACTORY]",
@@ -200,7 +210,12 @@ def build_exporter(args: argparse.Namespace) -> Exporter:
         nvml, unavailable = None, error
     return Exporter(
         node=args.node,
-        gpu=GpuCollector(nvml, unavailable),
+        gpu=GpuCollector(
+            nvml,
+            unavailable,
+            nvlink_per_link=args.nvlink_per_link,
+            tensor_pipes=args.tensor_pipes,
+        ),
         host=HostCollector(mountpoints=parse_mounts(args.mounts)),
         poll_interval=args.poll_interval,
     )

@@ -3,7 +3,9 @@
 On an H100 most NVML queries take microseconds, but PCIe throughput takes ~21 ms per GPU and
 total energy ~4 ms: ``poll()`` reads those off the scrape path and a scrape serialises the cached
 values (``ugro_exporter_poll_age_seconds`` says how old they are). XID errors arrive as NVML
-events, waited on in a thread of their own and counted by code.
+events, waited on in a thread of their own and counted by code. The poller also reads the GPM
+profiling figures, NVLink throughput and the recovery action (profiling.py); on a GPU with GPM,
+PCIe throughput comes from GPM too and the 21 ms query is not made.
 
 Every series carries ``gpu`` (NVML index) and ``gpu_uuid``; join with the ranks'
 ``ugro_train_rank_info`` on ``gpu_uuid`` (and ``node``) to attribute a GPU to a job and rank.
@@ -23,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .health import CollectorHealth
 from .nvml import GpuLost, Nvml, NvmlCallError, NvmlUnavailable
+from .profiling import GpuProfiler, Series
 
 log = logging.getLogger("ugro.exporter.gpu")
 
@@ -83,7 +86,38 @@ _GPU_METRICS: dict[str, tuple[str, str]] = {
         "counter", "Energy consumed since the driver loaded, in joules (polled).",
     ),
     "ugro_gpu_pcie_throughput_bytes_per_second": (
-        "gauge", "PCIe throughput over the driver's last 20 ms window, by direction (polled).",
+        "gauge",
+        "PCIe throughput by direction: GPM's average over the last poll interval where the GPU "
+        "supports GPM, else the driver's last 20 ms window (polled).",
+    ),
+    "ugro_gpu_gpm_supported": (
+        "gauge", "1 when the GPU and driver give GPM profiling metrics, else 0.",
+    ),
+    "ugro_gpu_sm_active_ratio": (
+        "gauge", "Share of SMs busy, averaged over the last poll interval (GPM, 0-1).",
+    ),
+    "ugro_gpu_sm_occupancy_ratio": (
+        "gauge", "Active warps over the SMs' maximum, averaged over the last poll interval (GPM).",
+    ),
+    "ugro_gpu_tensor_active_ratio": (
+        "gauge", "Share of time the SMs ran any tensor-core instruction (GPM, 0-1).",
+    ),
+    "ugro_gpu_dram_active_ratio": (
+        "gauge", "Device memory bandwidth used over its maximum (GPM, 0-1).",
+    ),
+    "ugro_gpu_pipe_active_ratio": (
+        "gauge", "Share of time the SMs used the pipe (non-tensor FP16/32/64, tensor kinds) (GPM).",
+    ),
+    "ugro_gpu_nvlink_throughput_bytes_per_second": (
+        "gauge", "NVLink data throughput over all links, by direction (last poll interval).",
+    ),
+    "ugro_gpu_nvlink_link_throughput_bytes_per_second": (
+        "gauge", "NVLink data throughput of one link, by direction (--nvlink-per-link).",
+    ),
+    "ugro_gpu_recovery_action": (
+        "gauge",
+        "Recovery the driver asks for: 0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, "
+        "4 drain and reset; 5-7 on newer drivers (NVML's enum, docs/metrics.md).",
     ),
 }  # fmt: skip
 
@@ -106,15 +140,30 @@ class SlowReadings:
     energy_joules: float | None
     pcie_tx_bytes_per_second: float | None
     pcie_rx_bytes_per_second: float | None
+    profile: tuple[Series, ...] = ()
 
 
 class GpuCollector:
     """Collector for every GPU NVML can see on this node."""
 
-    def __init__(self, nvml: Nvml | None, unavailable: NvmlUnavailable | None = None) -> None:
-        """``nvml`` is None when the binding could not even be loaded (``unavailable`` says why)."""
+    def __init__(
+        self,
+        nvml: Nvml | None,
+        unavailable: NvmlUnavailable | None = None,
+        *,
+        nvlink_per_link: bool = False,
+        tensor_pipes: bool = False,
+    ) -> None:
+        """``nvml`` is None when the binding could not even be loaded (``unavailable`` says why).
+
+        ``nvlink_per_link`` and ``tensor_pipes`` add series beyond the 40-per-GPU budget: one
+        per NVLink and direction, and the HMMA/DFMA/IMMA tensor pipes.
+        """
         self.health = CollectorHealth("gpu")
         self._nvml = nvml
+        self._nvlink_per_link = nvlink_per_link
+        self._tensor_pipes = tensor_pipes
+        self._profilers: dict[int, GpuProfiler] = {}
         self._lock = threading.Lock()
         self._gpus: list[Gpu] = []
         self._driver_version = ""
@@ -146,8 +195,20 @@ class GpuCollector:
         except (GpuLost, NvmlCallError) as error:
             self.health.set_down("init_failed", f"GPU discovery failed: {error}")
             return
+        profilers = {
+            gpu.index: GpuProfiler(
+                self._nvml,
+                gpu.index,
+                gpu.handle,
+                nvlink_per_link=self._nvlink_per_link,
+                tensor_pipes=self._tensor_pipes,
+            )
+            for gpu in gpus
+        }
+        self._close_profilers()
         with self._lock:
             self._gpus, self._driver_version = gpus, driver
+            self._profilers = profilers
         self.health.set_up()
         log.info("NVML: %d GPU(s), driver %s", len(gpus), driver or "unknown")
         if gpus:
@@ -174,8 +235,15 @@ class GpuCollector:
         self._stop.set()
         if self._xid_thread is not None:
             self._xid_thread.join(timeout=2)
+        self._close_profilers()
         if self._nvml is not None:
             self._nvml.shutdown()
+
+    def _close_profilers(self) -> None:
+        with self._lock:
+            profilers, self._profilers = list(self._profilers.values()), {}
+        for profiler in profilers:
+            profiler.close()
 
     @property
     def gpus(self) -> list[Gpu]:
@@ -207,13 +275,32 @@ class GpuCollector:
     def _read_slow(self, gpu: Gpu) -> SlowReadings:
         call, handle = self._nvml.call, gpu.handle  # type: ignore[union-attr]
         energy = call("nvmlDeviceGetTotalEnergyConsumption", handle)
-        tx = call("nvmlDeviceGetPcieThroughput", handle, _PCIE_TX)
-        rx = call("nvmlDeviceGetPcieThroughput", handle, _PCIE_RX)
+        profiler = self._profilers.get(gpu.index)
+        tx = rx = None
+        if profiler is None or not profiler.gpm_supported:  # else GPM gives PCIe throughput
+            tx = call("nvmlDeviceGetPcieThroughput", handle, _PCIE_TX)
+            rx = call("nvmlDeviceGetPcieThroughput", handle, _PCIE_RX)
+        profile: list[Series] = []
+        if profiler is not None:
+            try:
+                profile = profiler.poll()
+            except NvmlCallError as error:  # energy and PCIe are still worth serving
+                self.health.record_error("profiling", error)
         return SlowReadings(
             energy_joules=None if energy is None else energy / 1000.0,
             pcie_tx_bytes_per_second=None if tx is None else tx * _KIB,
             pcie_rx_bytes_per_second=None if rx is None else rx * _KIB,
+            profile=tuple(profile),
         )
+
+    def calls_per_poll(self) -> int:
+        """NVML calls one ``poll()`` makes for all GPUs (for the benchmark and the docs)."""
+        total = 0
+        for gpu in self.gpus:
+            profiler = self._profilers.get(gpu.index)
+            gpm = profiler is not None and profiler.gpm_supported
+            total += 1 + (0 if gpm else 2) + (profiler.calls_per_poll if profiler else 0)
+        return total
 
     def _watch_xids(self) -> None:
         """Count XID (critical error) events per GPU and code until ``close()``."""
@@ -266,6 +353,7 @@ class GpuCollector:
         with self._lock:
             gpus = list(self._gpus)
             slow = dict(self._slow)
+            profilers = dict(self._profilers)
             xids = dict(self._xids)
             driver = self._driver_version
 
@@ -289,6 +377,11 @@ class GpuCollector:
                 continue
             up.add_metric(gpu.labels, 1)
             self._note_alive(gpu)
+            profiler = profilers.get(gpu.index)
+            if profiler is not None:
+                families.add(
+                    "ugro_gpu_gpm_supported", gpu.labels, 1 if profiler.gpm_supported else 0
+                )
             readings = slow.get(gpu.index)
             if readings is not None:
                 families.add("ugro_gpu_energy_joules", gpu.labels, readings.energy_joules)
@@ -302,6 +395,8 @@ class GpuCollector:
                         value,
                         direction=direction,
                     )
+                for series in readings.profile:
+                    families.add(series.name, gpu.labels, series.value, **dict(series.extra))
         yield info
         yield up
         yield from families.all()

@@ -93,6 +93,30 @@ def gpu_utilization():
     )
 
 
+def gpu_activity():
+    return p.graph(
+        "SM and tensor activity",
+        "Share of time the SMs and any tensor pipe were busy, per GPU, from NVML's GPM (Hopper "
+        "and newer GPUs; absent on others): how much of each GPU works, not only whether a "
+        "kernel runs.",
+        p.RATIO,
+        p.query(f"ugro_gpu_sm_active_ratio{{{NODES}}}", GPU + " SM", "A"),
+        p.query(f"ugro_gpu_tensor_active_ratio{{{NODES}}}", GPU + " tensor", "B"),
+        minimum=0,
+        maximum=1,
+    )
+
+
+def gpu_interconnect():
+    return p.graph(
+        "NVLink",
+        "Bytes per second each GPU sends (tx) and receives (rx) over all its NVLinks.",
+        p.BYTES_PER_SECOND,
+        p.query(f"ugro_gpu_nvlink_throughput_bytes_per_second{{{NODES}}}", GPU + " {{direction}}"),
+        minimum=0,
+    )
+
+
 def gpu_memory(thresholds: Thresholds):
     return p.graph(
         "GPU memory used",
@@ -349,6 +373,8 @@ def dashboard(thresholds: Thresholds) -> dash.Dashboard:
             dash.Row("GPUs"),
             [
                 gpu_utilization(),
+                gpu_activity(),
+                gpu_interconnect(),
                 gpu_memory(thresholds),
                 gpu_temperature(thresholds),
                 gpu_power(),

@@ -298,6 +298,52 @@ def gpu_throttling():
 # -- alerts --------------------------------------------------------------------------------
 
 
+def mfu():
+    return p.graph(
+        "MFU",
+        "Model FLOPs utilisation: the model FLOP/s the ranks achieve (the FLOPs per token or "
+        "sample the loop declared, times what it processed) over their devices' dense peak for "
+        "the training dtype. Absent where the loop declared no FLOPs or no peak is known.",
+        p.RATIO,
+        p.query(f"job_rank:ugro_train_mfu:ratio1m{{{RANKS}}}", RANK, "A"),
+        p.query(f"job:ugro_train_mfu:ratio1m{{{JOB}}}", "job", "B"),
+        minimum=0,
+    )
+
+
+def gpu_activity(title: str, series: str, what: str):
+    return p.graph(
+        title,
+        f"Share of time {what} on the GPU each rank uses, from NVML's GPM (Hopper and newer "
+        "GPUs; absent on others). Unlike utilisation, it shows how much of the GPU works, not "
+        "only whether a kernel runs.",
+        p.RATIO,
+        p.query(f"{series}{{{RANKS}}}", RANK),
+        minimum=0,
+        maximum=1,
+    )
+
+
+def interconnect():
+    return p.graph(
+        "NVLink and PCIe",
+        "Bytes per second each rank's GPU sends (tx) and receives (rx) over NVLink (all links) "
+        "and PCIe.",
+        p.BYTES_PER_SECOND,
+        p.query(
+            f"job_rank:ugro_gpu_nvlink_throughput:bytes_per_second{{{RANKS}}}",
+            "rank {{rank}} NVLink {{direction}}",
+            "A",
+        ),
+        p.query(
+            f"job_rank:ugro_gpu_pcie_throughput:bytes_per_second{{{RANKS}}}",
+            "rank {{rank}} PCIe {{direction}}",
+            "B",
+        ),
+        minimum=0,
+    )
+
+
 def firing_alerts():
     return p.listing(
         "Firing alerts",
@@ -399,6 +445,24 @@ def dashboard(thresholds: Thresholds) -> dash.Dashboard:
                 gpu_temperature(thresholds),
                 gpu_power(),
                 gpu_throttling(),
+            ],
+        ),
+        (
+            dash.Row("Efficiency"),
+            [
+                mfu(),
+                gpu_activity("SM active", "job_rank:ugro_gpu_sm_active:ratio", "the SMs were busy"),
+                gpu_activity(
+                    "Tensor pipes active",
+                    "job_rank:ugro_gpu_tensor_active:ratio",
+                    "any tensor pipe was busy",
+                ),
+                gpu_activity(
+                    "DRAM bandwidth active",
+                    "job_rank:ugro_gpu_dram_active:ratio",
+                    "device memory moved data",
+                ),
+                interconnect(),
             ],
         ),
         (dash.Row("Alerts"), [firing_alerts()]),

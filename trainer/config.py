@@ -7,7 +7,11 @@ rank uses, for setups where torch's view of the device is not NVML's.
 ``UGRO_FINAL_SCRAPE_TIMEOUT`` bounds how long ``close()`` waits for the scrape that carries the
 rank's final values (seconds; 0 does not wait). ``UGRO_REGISTERED_TARGET=1`` (ugro-launch sets
 it) says Prometheus has the rank as a target, so ``close()`` waits for that scrape even when none
-has come yet: a job shorter than Prometheus's first scrape is still seen whole. Every bad value is
+has come yet: a job shorter than Prometheus's first scrape is still seen whole.
+For MFU, ``UGRO_FLOPS_PER_TOKEN`` or ``UGRO_FLOPS_PER_SAMPLE`` gives the model's training FLOPs
+per token or per sample (one of the two), ``UGRO_PEAK_FLOPS`` the device's peak FLOP/s when the
+built-in table (``ugro.trainer.flops``) does not know it, and ``UGRO_TRAIN_DTYPE`` (bf16 by
+default; fp16, tf32, fp32) which of the table's peaks applies. Every bad value is
 rejected here, before the first training step, with an error that names the variable and what
 was expected.
 """
@@ -24,6 +28,8 @@ from typing import Literal
 # Dependency-free modules of ugro.common: the trainer imports nothing else of ugro's.
 from ugro.common.identifiers import JOB_ID
 from ugro.common.ports import DEFAULT_METRICS_BASE_PORT
+
+from .flops import positive_flops, train_dtype_name
 
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
 DEFAULT_JOB_ID = "local"
@@ -63,6 +69,11 @@ class TelemetryConfig:
     gpu_uuid: str | None = None
     final_scrape_timeout: float = DEFAULT_FINAL_SCRAPE_TIMEOUT_SECONDS
     registered_target: bool = False  # Prometheus scrapes this rank: wait for it at close
+    # Model FLOPs per token or per sample (at most one is set), for ugro_train_model_flops_total.
+    flops_per_token: float | None = None
+    flops_per_sample: float | None = None
+    peak_flops: float | None = None  # the device's peak FLOP/s, when given rather than looked up
+    train_dtype: str = "bf16"  # which peak of the table applies
 
     @property
     def metrics_port(self) -> int:
@@ -87,6 +98,10 @@ class TelemetryConfig:
         total_steps: int | None = None,
         gpu_uuid: str | None = None,
         final_scrape_timeout: float | None = None,
+        flops_per_token: float | None = None,
+        flops_per_sample: float | None = None,
+        peak_flops: float | None = None,
+        train_dtype: str | None = None,
     ) -> TelemetryConfig:
         """Build the config: each explicit argument wins over its environment variable."""
         env = os.environ if env is None else env
@@ -207,6 +222,48 @@ class TelemetryConfig:
                 f"UGRO_REGISTERED_TARGET={env['UGRO_REGISTERED_TARGET']!r}: expected 1 or 0"
             )
 
+        # Per token and per sample are one setting: an argument for either ignores both variables.
+        if flops_per_token is not None or flops_per_sample is not None:
+            flops_sources = {
+                "flops_per_token": flops_per_token,
+                "flops_per_sample": flops_per_sample,
+            }
+        else:
+            flops_sources = {
+                "UGRO_FLOPS_PER_TOKEN": env.get("UGRO_FLOPS_PER_TOKEN") or None,
+                "UGRO_FLOPS_PER_SAMPLE": env.get("UGRO_FLOPS_PER_SAMPLE") or None,
+            }
+        flops: list[float | None] = []
+        for flops_source, raw_flops in flops_sources.items():
+            try:
+                flops.append(None if raw_flops is None else positive_flops(flops_source, raw_flops))
+            except ValueError as error:
+                raise TelemetryConfigError(str(error)) from None
+        if None not in flops:
+            raise TelemetryConfigError(
+                " and ".join(flops_sources)
+                + " are both set: expected one (model FLOPs count per token or per sample)"
+            )
+
+        peak_source, raw_peak = (
+            ("peak_flops", peak_flops)
+            if peak_flops is not None
+            else ("UGRO_PEAK_FLOPS", env.get("UGRO_PEAK_FLOPS") or None)
+        )
+        dtype_source, raw_dtype = (
+            ("train_dtype", train_dtype)
+            if train_dtype is not None
+            else ("UGRO_TRAIN_DTYPE", env.get("UGRO_TRAIN_DTYPE") or "bf16")
+        )
+        try:
+            resolved_peak = None if raw_peak is None else positive_flops(peak_source, raw_peak)
+        except ValueError as error:
+            raise TelemetryConfigError(str(error)) from None
+        try:
+            resolved_dtype = train_dtype_name(raw_dtype)
+        except ValueError as error:
+            raise TelemetryConfigError(f"{dtype_source}={raw_dtype!r}: {error}") from None
+
         return cls(
             job_id=resolved_job_id,
             rank=resolved_rank,
@@ -220,4 +277,8 @@ class TelemetryConfig:
             gpu_uuid=resolved_gpu_uuid,
             final_scrape_timeout=resolved_timeout,
             registered_target=registered in ("1", "true"),
+            flops_per_token=flops[0],
+            flops_per_sample=flops[1],
+            peak_flops=resolved_peak,
+            train_dtype=resolved_dtype,
         )

@@ -10,7 +10,7 @@ identity for joins.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.core import (
@@ -25,6 +25,36 @@ from .stats import RankStats
 
 RANK_INFO_LABELS = ("job_id", "rank", "local_rank", "world_size", "node", "gpu_uuid")
 
+# The keys of torch.cuda.memory_stats() each allocator series is read from.
+CUDA_MEMORY_STATS_KEYS = {
+    "peak_allocated_bytes": "allocated_bytes.all.peak",
+    "peak_reserved_bytes": "reserved_bytes.all.peak",
+    "alloc_retries": "num_alloc_retries",
+    "ooms": "num_ooms",
+}
+
+
+@dataclass(frozen=True)
+class CudaMemory:
+    """The CUDA caching allocator's health, from one ``torch.cuda.memory_stats`` reading.
+
+    A value the reading lacks (an allocator that does not keep it, or CUDA not initialised yet,
+    when the dict is empty) is None and its series is left out, never reported as 0.
+    """
+
+    peak_allocated_bytes: float | None = None
+    peak_reserved_bytes: float | None = None
+    alloc_retries: float | None = None
+    ooms: float | None = None
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, object]) -> CudaMemory:
+        values = {}
+        for field_name, key in CUDA_MEMORY_STATS_KEYS.items():
+            value = stats.get(key)
+            values[field_name] = None if value is None else float(value)  # type: ignore[arg-type]
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class RankSnapshot:
@@ -36,7 +66,8 @@ class RankSnapshot:
     end_time: float | None  # set when the rank closed its telemetry normally
     target_steps: int | None
     pending_steps: int
-    cuda_max_memory_allocated_bytes: float | None
+    peak_flops: float | None = None  # the device's peak FLOP/s for the training dtype, if known
+    cuda_memory: CudaMemory | None = None  # CUDA ranks only
 
 
 class RankMetricsCollector:
@@ -178,12 +209,50 @@ class RankMetricsCollector:
                 "Number of optimizer steps the run is configured to take.",
                 value=number(snap.target_steps),
             )
-        if snap.cuda_max_memory_allocated_bytes is not None:
-            yield GaugeMetricFamily(
-                "ugro_train_cuda_max_memory_allocated_bytes",
-                "Peak CUDA memory allocated by this rank's tensors, in bytes.",
-                value=number(snap.cuda_max_memory_allocated_bytes),
+        if stats.model_flops is not None:
+            yield CounterMetricFamily(
+                "ugro_train_model_flops",
+                "Model FLOPs of the steps done (FLOPs per token x tokens, or per sample x "
+                "samples); rate() over the peak FLOP/s is the MFU.",
+                value=number(stats.model_flops),
             )
+        if snap.peak_flops is not None:
+            yield GaugeMetricFamily(
+                "ugro_train_peak_flops_per_second",
+                "Dense peak FLOP/s of this rank's device for the training dtype.",
+                value=number(snap.peak_flops),
+            )
+        memory = snap.cuda_memory
+        if memory is not None:
+            for metric, family, help_text, reading in (
+                (
+                    "ugro_train_cuda_memory_peak_allocated_bytes",
+                    GaugeMetricFamily,
+                    "Peak CUDA memory allocated to this rank's tensors, in bytes.",
+                    memory.peak_allocated_bytes,
+                ),
+                (
+                    "ugro_train_cuda_memory_peak_reserved_bytes",
+                    GaugeMetricFamily,
+                    "Peak CUDA memory reserved by this rank's caching allocator, in bytes.",
+                    memory.peak_reserved_bytes,
+                ),
+                (
+                    "ugro_train_cuda_alloc_retries",
+                    CounterMetricFamily,
+                    "CUDA allocations that failed at first and succeeded after the allocator "
+                    "freed its cached blocks.",
+                    memory.alloc_retries,
+                ),
+                (
+                    "ugro_train_cuda_ooms",
+                    CounterMetricFamily,
+                    "CUDA out-of-memory errors the allocator raised.",
+                    memory.ooms,
+                ),
+            ):
+                if reading is not None:
+                    yield family(metric, help_text, value=number(reading))
 
         yield GaugeMetricFamily(
             "ugro_train_telemetry_pending_steps",

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .flops import transformer_flops_per_token
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -86,3 +88,15 @@ class TinyCausalLM(nn.Module):
             x = block(x)
         logits = self.head(self.final_norm(x))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token of ``TinyCausalLM(config)``: the transformer estimate.
+
+    N is every parameter but the position embedding, which is only looked up (the token
+    embedding is also the output head, a matrix multiply). Built on the meta device: no memory.
+    """
+    with torch.device("meta"):
+        model = TinyCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters()) - model.position_embedding.weight.numel()
+    return transformer_flops_per_token(n_params, config.depth, config.width, config.context)

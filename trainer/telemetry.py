@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -35,7 +35,8 @@ from .device_values import (
     host_float,
     is_cuda_tensor,
 )
-from .metrics import RankMetricsCollector, RankSnapshot
+from .flops import peak_flops_for
+from .metrics import CudaMemory, RankMetricsCollector, RankSnapshot
 from .server import MetricsServer, MetricsServerError, serve_metrics
 from .stats import RankStats
 
@@ -64,6 +65,13 @@ class Telemetry:
     ``device`` names the rank's CUDA device for ``gpu_uuid``; by default it is taken from the
     first CUDA tensor passed to ``step()``. ``gpu_uuid`` (or ``UGRO_GPU_UUIDS``) names the GPU
     as NVML does and wins over the device's: for setups where the two views differ.
+
+    For MFU, ``flops_per_token`` (or ``flops_per_sample``) gives the model's training FLOPs per
+    token (sample), from ``ugro.trainer.flops``' estimate or measurement: the rank then counts
+    ``ugro_train_model_flops_total``. ``peak_flops`` gives the device's peak FLOP/s where the
+    table there does not know the GPU (or to override it), ``train_dtype`` which of its peaks
+    applies (bf16 by default). ``cuda_memory_stats`` replaces ``torch.cuda.memory_stats`` as the
+    source of the allocator series (for tests).
     """
 
     def __init__(
@@ -80,11 +88,16 @@ class Telemetry:
         total_steps: int | None = None,
         gpu_uuid: str | None = None,
         final_scrape_timeout: float | None = None,
+        flops_per_token: float | None = None,
+        flops_per_sample: float | None = None,
+        peak_flops: float | None = None,
+        train_dtype: Any = None,
         device: Any = None,
         registry: CollectorRegistry | None = None,
         serve: bool = True,
         env: Mapping[str, str] | None = None,
         device_copier: DeviceCopier | None = None,
+        cuda_memory_stats: Callable[[int], Mapping[str, Any]] | None = None,
     ) -> None:
         self.config = TelemetryConfig.resolve(
             env,
@@ -99,6 +112,10 @@ class Telemetry:
             total_steps=total_steps,
             gpu_uuid=gpu_uuid,
             final_scrape_timeout=final_scrape_timeout,
+            flops_per_token=flops_per_token,
+            flops_per_sample=flops_per_sample,
+            peak_flops=peak_flops,
+            train_dtype=None if train_dtype is None else str(train_dtype),
         )
         self._lock = threading.Lock()
         # Scrapes served so far and when (monotonic): close() waits for one more.
@@ -112,6 +129,18 @@ class Telemetry:
         self._micro_losses = 0
         self._micro_counts: dict[str, Any] = {}
         self._stats = RankStats()
+        # Model FLOPs are counted where the tokens (or samples) they are per are added.
+        self._flops_field: str | None = None
+        self._flops_per_count = 0.0
+        for field_name, per_count in (
+            ("tokens", self.config.flops_per_token),
+            ("samples", self.config.flops_per_sample),
+        ):
+            if per_count is not None:
+                self._flops_field, self._flops_per_count = field_name, per_count
+                self._stats.model_flops = 0.0
+        self._peak_flops = self.config.peak_flops  # else looked up once the device is known
+        self._cuda_memory_stats = cuda_memory_stats
         self._start_time = time.time()
         self._previous_step_clock: float | None = None
         self._device_copier = device_copier
@@ -377,6 +406,8 @@ class Telemetry:
                     self._reject_locked(name, value, error)
                     continue
                 setattr(stats, name, getattr(stats, name) + count)
+                if name == self._flops_field:
+                    stats.model_flops += count * self._flops_per_count  # type: ignore[operator]
 
     def _submit_device_values(self, device: Mapping[str, Any]) -> None:
         try:
@@ -423,6 +454,21 @@ class Telemetry:
             log.warning("ugro: cannot read the UUID of CUDA device %s: %s", device, error)
             return
         self._cuda_device_index = index
+        if self._peak_flops is not None:
+            return
+        try:
+            name = torch.cuda.get_device_name(index)
+        except Exception as error:
+            log.warning("ugro: cannot read the name of CUDA device %s: %s", device, error)
+            return
+        self._peak_flops = peak_flops_for(name, self.config.train_dtype)
+        if self._peak_flops is None:
+            log.info(
+                "ugro: no %s peak FLOP/s known for %s; set UGRO_PEAK_FLOPS (or peak_flops=) "
+                "for MFU",
+                self.config.train_dtype,
+                name,
+            )
 
     def _snapshot(self) -> RankSnapshot:
         """A consistent copy for one scrape; runs on the HTTP server's thread."""
@@ -432,6 +478,7 @@ class Telemetry:
             pending = len(self._device_queue) if self._device_queue is not None else 0
             gpu_uuid = self._gpu_uuid
             end_time = self._end_time
+            peak_flops = self._peak_flops
             self._scrape_count += 1
             self._scrape_clocks = [*self._scrape_clocks[-1:], time.monotonic()]
             self._scraped.notify_all()
@@ -450,15 +497,22 @@ class Telemetry:
             end_time=end_time,
             target_steps=config.total_steps,
             pending_steps=pending,
-            cuda_max_memory_allocated_bytes=self._cuda_peak_memory(),
+            peak_flops=peak_flops,
+            cuda_memory=self._cuda_memory(),
         )
 
-    def _cuda_peak_memory(self) -> float | None:
-        if self._cuda_device_index is None:
+    def _cuda_memory(self) -> CudaMemory | None:
+        """The allocator's health at scrape time, on the server's thread; None on CPU ranks."""
+        index = self._cuda_device_index
+        if index is None:
             return None
         try:
-            torch = sys.modules["torch"]
-            return float(torch.cuda.max_memory_allocated(self._cuda_device_index))
+            source = self._cuda_memory_stats
+            if source is None:
+                # memory_stats copies the caching allocator's host-side counters under its
+                # mutex: no CUDA call, so no device sync (and {} before CUDA is initialised).
+                source = sys.modules["torch"].cuda.memory_stats
+            return CudaMemory.from_stats(source(index))
         except Exception as error:
             self._record_error("scrape", error)
             return None

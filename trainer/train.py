@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import TelemetryConfigError
 from .data import DEFAULT_CORPUS_BYTES, CorpusError, RandomWindows, stdlib_source_bytes
 from .faults import FaultPlan
-from .model import ModelConfig, TinyCausalLM
+from .model import ModelConfig, TinyCausalLM, flops_per_token
 from .server import MetricsServerError
 from .telemetry import Telemetry
 
@@ -66,6 +66,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="wait this long before telemetry starts, like a large model or a checkpoint "
         "that takes minutes to load",
+    )
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        metavar="FLOP/S",
+        help="the device's peak FLOP/s for MFU, where ugro's table does not know it (a CPU, "
+        "a GPU not listed); default UGRO_PEAK_FLOPS, else the table",
     )
     faults = parser.add_argument_group("fault injection (one rank)")
     faults.add_argument("--fault-rank", type=int, default=0, help="the rank faults hit")
@@ -153,8 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(args.device, local_rank)
         corpus = stdlib_source_bytes(args.corpus_bytes)
         time.sleep(args.start_delay)
-        # ugro: identity and port come from torchrun's and ugro-launch's environment.
-        telemetry = Telemetry(total_steps=args.steps, device=device)
+        # ugro: identity and port come from torchrun's and ugro-launch's environment; the
+        # model's FLOPs per token and the device's peak (for the trainer's float32 matmuls:
+        # TF32 when torch is allowed to use it) give MFU.
+        telemetry = Telemetry(
+            total_steps=args.steps,
+            device=device,
+            flops_per_token=flops_per_token(args.model),
+            peak_flops=args.peak_flops,
+            train_dtype="fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32",
+        )
     except (RuntimeError, CorpusError, TelemetryConfigError, MetricsServerError) as error:
         print(f"ugro.trainer.train: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -508,13 +508,22 @@ class Tmux:
                 pathlib.Path(socket_path).unlink(missing_ok=True)
 
 
+# Columns shown only where some rank has a value (GPM GPUs, a loop that declared FLOPs).
+OPTIONAL_COLUMNS = {"SM", "MFU"}
+
+
 def table_rows(screen: str) -> list[list[str]]:
-    """The per-rank table's rows, as cell texts (cells are at least two spaces apart)."""
-    rows = []
+    """The per-rank table's rows, as cell texts (cells are at least two spaces apart), without
+    the optional columns, so that every row has the same ten cells."""
+    rows, keep = [], None
     for line in screen.splitlines():
         cells = re.split(r"\s{2,}", line.strip("│ \t"))
-        if len(cells) == 10 and cells[0].isdigit():
-            rows.append(cells)
+        if cells[0] == "Rank":
+            keep = [i for i, name in enumerate(cells) if name not in OPTIONAL_COLUMNS]
+        elif keep and cells[0].isdigit():
+            kept = [cells[i] for i in keep if i < len(cells)]
+            if len(kept) == 10:
+                rows.append(kept)
     return rows
 
 

@@ -149,3 +149,20 @@ def test_running_daemon_survives_a_lost_gpu_and_counts_xids(
     assert time.monotonic() - started < 5
     with pytest.raises(OSError):
         scrape(url)
+
+
+def test_once_serves_gpm_figures_and_the_opt_in_series_on_request(promtool):
+    result = run_exporter(
+        "--once", "--nvml-module", FAKE, "--tensor-pipes", "--nvlink-per-link",
+        env=exporter_env(UGRO_FAKE_NVML_GPUS="1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = sample_values(result.stdout)
+    gpu = {"gpu": "0", "gpu_uuid": "GPU-00000000-1111-2222-3333-444455556666"}
+    assert sample(samples, "ugro_gpu_sm_active_ratio", **gpu) == 0.7
+    assert sample(samples, "ugro_gpu_pipe_active_ratio", pipe="tensor_hmma", **gpu) == 0.45
+    link = {"link": "17", "direction": "rx", **gpu}
+    per_link = "ugro_gpu_nvlink_link_throughput_bytes_per_second"
+    assert sample(samples, per_link, **link) == 200 * 2**20
+    check = promtool(result.stdout)
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout

@@ -26,12 +26,12 @@ def documented_exporter_metrics() -> dict[str, str]:
 
 def test_every_exposed_metric_is_documented_with_its_type_and_nothing_else(promtool):
     fake = FakeNvml(h100s(2))
-    exporter = Exporter(
-        node="n", gpu=GpuCollector(Nvml(fake)), host=HostCollector(), poll_interval=60
-    )
+    # The opt-in series too, so that every documented family shows.
+    gpu = GpuCollector(Nvml(fake), nvlink_per_link=True, tensor_pipes=True)
+    exporter = Exporter(node="n", gpu=gpu, host=HostCollector(), poll_interval=60)
     try:
         exporter.poll_once()
-        time.sleep(0.1)  # CPU utilisation needs two polls some CPU ticks apart
+        time.sleep(0.1)  # CPU utilisation (and GPM) need two polls some CPU ticks apart
         exporter.poll_once()
         fake.inject_xid(0, 79)
         wait_for(lambda: "xid=" in generate_latest(exporter.registry).decode(), 5, "an XID")

@@ -242,7 +242,7 @@ def test_the_training_dashboard_marks_the_jobs_alerts_on_the_time_axis():
 def test_the_training_dashboard_has_the_rows_users_look_for():
     dashboard = load(ROOT / "grafana" / "dashboards" / "ugro-training.json")
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == ["Overview", "Training", "GPUs of the job", "Alerts"]
+    assert rows == ["Overview", "Training", "GPUs of the job", "Efficiency", "Alerts"]
     titles = {panel["title"] for panel in panels(dashboard)}
     assert {
         "World size",
@@ -262,5 +262,10 @@ def test_the_training_dashboard_has_the_rows_users_look_for():
         "GPU temperature",
         "GPU power",
         "GPU throttling",
+        "MFU",
+        "SM active",
+        "Tensor pipes active",
+        "DRAM bandwidth active",
+        "NVLink and PCIe",
         "Firing alerts",
     } <= titles

@@ -70,7 +70,16 @@ def run(tmp_path_factory):
             job = TrainingJob(
                 stack,
                 JOB_ID,
-                [*SMALL_MODEL, "--steps", "1000000", "--fault-rank=1", "--slow-factor=4"],
+                # A declared peak: CPU ranks have none of their own, and the MFU panel needs one.
+                [
+                    *SMALL_MODEL,
+                    "--steps",
+                    "1000000",
+                    "--fault-rank=1",
+                    "--slow-factor=4",
+                    "--peak-flops",
+                    "1e12",
+                ],
                 node=NODE,
             )
         cleanup.callback(job.stop)

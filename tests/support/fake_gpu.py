@@ -28,7 +28,11 @@ def fake_gpu_exporter(
     control_dir: pathlib.Path | None = None,
 ) -> Iterator[subprocess.Popen]:
     """The node's ugro-exporter with ``gpus`` scripted H100s, registered as ugro-launch
-    registers it. ``control_dir`` lets a test inject XIDs or lost GPUs (fake_nvml.py)."""
+    registers it. ``control_dir`` lets a test inject XIDs or lost GPUs (fake_nvml.py).
+
+    Every one of these H100s has GPM, so the profiling series (``ugro_gpu_sm_active_ratio``,
+    NVLink throughput, ...) are served from the second poll on, a poll interval (1 s) after
+    start; GPUs without GPM are covered by the exporter's unit tests."""
     port = free_port()
     env = {**os.environ, "UGRO_FAKE_NVML_GPUS": str(gpus)}
     if control_dir is not None:

@@ -7,7 +7,7 @@ import re
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ugro.trainer.metrics import RANK_INFO_LABELS, RankMetricsCollector, RankSnapshot
+from ugro.trainer.metrics import RANK_INFO_LABELS, CudaMemory, RankMetricsCollector, RankSnapshot
 from ugro.trainer.stats import RankStats
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -21,12 +21,13 @@ def documented_trainer_metrics() -> dict[str, str]:
 
 
 def full_snapshot(*, optional: bool) -> RankSnapshot:
-    """A snapshot after some steps; ``optional`` adds the data-wait and CUDA-only values."""
+    """A snapshot after some steps; ``optional`` adds the data-wait, MFU and CUDA-only values."""
     stats = RankStats(learning_rate=0.1, last_step_timestamp=1.0)
     stats.loss.observe(1.0)
     stats.grad_norm.observe(1.0)
     if optional:
         stats.data_wait_seconds = 0.5
+        stats.model_flops = 6e12
     return RankSnapshot(
         stats=stats,
         identity={label: "x" for label in RANK_INFO_LABELS},
@@ -34,7 +35,8 @@ def full_snapshot(*, optional: bool) -> RankSnapshot:
         end_time=2.0 if optional else None,
         target_steps=10,
         pending_steps=0,
-        cuda_max_memory_allocated_bytes=1024.0 if optional else None,
+        peak_flops=989e12 if optional else None,
+        cuda_memory=CudaMemory(1024.0, 2048.0, 1.0, 0.0) if optional else None,
     )
 
 
