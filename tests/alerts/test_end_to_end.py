@@ -265,8 +265,7 @@ def test_inhibitions_silence_what_a_bigger_failure_explains(stack):
             for a in alerts
         }
 
-    inhibited = wait_for(states, 30, "Alertmanager to hold all alerts")
-    assert inhibited == {
+    expected = {
         ("NodeExporterDown", "critical", "node-b"): False,
         ("TrainingStalled", "critical", "node-b"): True,  # its node is down
         ("GpuLost", "critical", "node-b"): True,  # its node is down
@@ -276,6 +275,20 @@ def test_inhibitions_silence_what_a_bigger_failure_explains(stack):
         ("GpuTemperatureHigh", "warning", "node-c"): True,  # the critical says it
         ("GpuTemperatureHigh", "critical", "node-c"): False,
     }
+    # Alertmanager's inhibitor learns of new alerts in its own goroutine, which follows the
+    # alert store: on a loaded machine the API can list all eight alerts before the source
+    # alerts have reached the inhibitor, and shows nothing inhibited yet. Wait for the marks.
+    seen: list[dict] = []
+
+    def settled() -> bool:
+        seen.append(states())
+        return seen[-1] == expected
+
+    try:
+        wait_for(settled, 30, "Alertmanager to hold all alerts with their inhibitions")
+    except AssertionError:
+        assert seen[-1] == expected  # shows which marks differ
+        raise
     # Only what is not inhibited is sent.
     wait_for(lambda: len(stack.slack.posts) >= 4, 30, "notifications")
     time.sleep(3)
