@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -680,9 +681,9 @@ def test_until_done_exits_0_when_the_job_finishes_and_1_when_it_crashes(stack, e
     """Both jobs at once, each with its own watch, to pay torch's start-up once."""
     cases = {  # job id: (trainer arguments, exit code, the job's final status)
         "watch-finishes": (["--steps", "120", "--linger", "2"], 0, "FINISHED"),
-        "watch-crashes": (["--steps=100000", "--fault-rank=1", "--crash-at=30"], 1, "DOWN"),
+        "watch-crashes": (["--steps=100000"], 1, "DOWN"),
     }
-    watches, jobs = {}, []
+    watches, jobs = {}, {}
     try:
         for job_id, (trainer_args, _, _) in cases.items():
             # Started before the job: it waits for the job's series rather than ending at once.
@@ -693,14 +694,21 @@ def test_until_done_exits_0_when_the_job_finishes_and_1_when_it_crashes(stack, e
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                 env={**os.environ, "COLUMNS": "160"},
             )  # fmt: skip
-            jobs.append(start_job(stack, job_id, *trainer_args))
+            jobs[job_id] = start_job(stack, job_id, *trainer_args)
+        # The crash comes once Prometheus has seen both ranks: a rank that dies before its
+        # first scrape never answered, so it is "starting", not down, and the watch waits (a
+        # self-timed crash at some step raced the first scrape on a loaded machine).
+        wait_for(
+            lambda: len(stack.query('up{job_id="watch-crashes"} == 1')) == 2, 120, "both ranks up"
+        )
+        os.kill(jobs["watch-crashes"].rank_pid(1), signal.SIGKILL)
         outputs = {job_id: watch.communicate(timeout=150) for job_id, watch in watches.items()}
     finally:
         for watch in watches.values():
             if watch.poll() is None:
                 watch.kill()
                 watch.communicate()
-        for job in jobs:
+        for job in jobs.values():
             job.stop()
 
     for job_id, (_, exit_code, status) in cases.items():
