@@ -21,6 +21,8 @@ from .thresholds import Thresholds
 DISK_FILL_ONLY_BELOW_FREE_RATIO = 0.4
 # The window in which an XID or uncorrectable ECC error counts as new.
 GPU_ERROR_WINDOW = "5m"
+# The window of the rates the straggler score compares (recording.py's rate1m rules).
+STRAGGLER_MIN_AGE = "1m"
 # The throughput-drop condition compares a job with its own average over this long.
 THROUGHPUT_BASELINE_WINDOW = "30m"
 
@@ -84,7 +86,14 @@ def training(t: Thresholds) -> list[Record]:
             f"< {tr.throughput_drop_ratio}"
             f" * avg_over_time(job:ugro_train_tokens:rate1m[{THROUGHPUT_BASELINE_WINDOW}])",
         ),
-        Record(STRAGGLER, f"job_rank:ugro_train_straggler_score:ratio < {tr.straggler_ratio}"),
+        Record(
+            STRAGGLER,
+            f"job_rank:ugro_train_straggler_score:ratio < {tr.straggler_ratio}\n"
+            f"and on (job_id, rank) ugro_train_steps_total offset {STRAGGLER_MIN_AGE}",
+            why="Only a rank that has been stepping for a whole rate window: before that its "
+            "1-minute rates\nare extrapolated from a few samples, and a healthy job's ranks "
+            "can differ by chance.",
+        ),
         Record(
             RANKS_DOWN,
             "count by (job_id) (job_rank:ugro_train_down:bool) > 0",
