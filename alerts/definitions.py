@@ -15,6 +15,19 @@ from ugro.catalogue.thresholds import Thresholds
 RANK = "Rank {{ $labels.rank }} of job {{ $labels.job_id }} on node {{ $labels.node }}"
 GPU = "GPU {{ $labels.gpu }} ({{ $labels.gpu_uuid }}) on node {{ $labels.node }}"
 
+# The alerting rank's current phase, read when the alert is rendered.
+_PHASE_NOW = (
+    '{{ with query (printf "ugro_train_phase{job_id=\\"%s\\",rank=\\"%s\\",node=\\"%s\\"}"'
+    " $labels.job_id $labels.rank $labels.node) }} It is in phase "
+    "{{ (index . 0).Labels.phase }}.{{ end }}"
+)
+# When a job's ranks have not started, the one the others wait for, if one is behind them all.
+_LEAST_PROGRESSED = (
+    '{{ with query (printf "' + c.LEAST_PROGRESSED + '{job_id=\\"%s\\"}" $labels.job_id) }}'
+    "{{ if eq (len .) 1 }} The job's least-progressed rank is rank {{ (index . 0).Labels.rank }}"
+    " on {{ (index . 0).Labels.node }}, in phase {{ (index . 0).Labels.phase }}."
+    "{{ end }}{{ end }}"
+)
 
 Text = Callable[[Thresholds], str]
 
@@ -27,6 +40,8 @@ class Alert:
     duration: Text  # its `for:`
     summary: str  # one fixed line
     description: Text  # a Prometheus template: labels and a humanized value
+    # Whether the thresholds generate it (a condition can be off until configured).
+    enabled: Callable[[Thresholds], bool] = lambda t: True
 
 
 TRAINING = [
@@ -71,8 +86,48 @@ TRAINING = [
         "A training rank is up but has stopped completing steps",
         lambda t: (
             RANK + ": no step completed for {{ $value | humanizeDuration }} although "
-            "the rank still answers scrapes."
+            "the rank still answers scrapes. `ugro-launch stacks {{ $labels.job_id }}` shows "
+            "where each rank waits."
         ),
+    ),
+    Alert(
+        "TrainingHungRank",
+        "critical",
+        c.HUNG_RANK,
+        lambda t: t.training.hung_rank_duration,
+        "A training job is stalled, waiting for one rank",
+        lambda t: (
+            RANK + " is the rank its stalled job waits for: it is in phase "
+            "{{ $labels.phase }} and has completed no step for {{ $value | humanizeDuration }}, "
+            "while the other ranks went on to the next collective. "
+            "`ugro-launch stacks {{ $labels.job_id }}` shows where it hangs."
+        ),
+    ),
+    Alert(
+        "TrainingRankNotStarted",
+        "warning",
+        c.NOT_STARTED,
+        lambda t: t.training.not_started_for,
+        "A training rank serves telemetry but has not completed its first step",
+        lambda t: (
+            RANK + ": no step completed {{ $value | humanizeDuration }} after its telemetry "
+            f"started (limit {t.training.not_started_seconds:g} s)."
+            + _PHASE_NOW
+            + _LEAST_PROGRESSED
+        ),
+    ),
+    Alert(
+        "TrainingCheckpointOverdue",
+        "warning",
+        c.CHECKPOINT_OVERDUE,
+        lambda t: t.training.checkpoint_overdue_for,
+        "A training rank has not checkpointed for longer than configured",
+        lambda t: (
+            RANK + ": no checkpoint for {{ $value | humanizeDuration }} "
+            f"(limit {t.training.checkpoint_max_age_seconds or 0:g} s); a crash now loses "
+            "all of that work."
+        ),
+        enabled=lambda t: t.training.checkpoint_max_age_seconds is not None,
     ),
     Alert(
         "TrainingThroughputDrop",
@@ -311,6 +366,8 @@ def alert_groups(thresholds: Thresholds) -> list[Group]:
     for name, (conditions_of, alerts) in GROUPS.items():
         rules: list = list(conditions_of(thresholds))
         for alert in alerts:
+            if not alert.enabled(thresholds):
+                continue
             rules.append(
                 AlertRule(
                     alert.name,

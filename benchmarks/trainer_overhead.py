@@ -6,13 +6,17 @@ steps by three loops that differ only in their metrics:
 * ``bare``  — no metrics at all;
 * ``ugro``  — ``Telemetry.step()`` and ``data_wait()`` every step, its ``/metrics`` endpoint
   scraped every second;
+* ``phases`` — as ``ugro``, and the forward pass, the backward pass and the optimizer step each
+  in their own ``telemetry.phase()`` block (four phase blocks a step, as the reference trainer);
 * ``naive`` — ``loss.item()`` / ``grad_norm.item()`` into prometheus_client gauges every step,
   its endpoint scraped the same way.
 
-Each repetition runs the three blocks in a rotated order (so warm-up, clock ramps and thermal
+Each repetition runs the four blocks in a rotated order (so warm-up, clock ramps and thermal
 drift do not favour one), and each variant's block time is compared with the bare block of the
-same repetition. The ratios reported are medians over repetitions. The last line printed is one
-JSON object.
+same repetition (``phases`` also with the ``ugro`` block: what marking the phases adds). The
+ratios reported are medians over repetitions. Two low-noise cross-checks time the calls alone:
+``Telemetry.step()`` and one phase block (enter and leave). The last line printed is one JSON
+object.
 
     python benchmarks/trainer_overhead.py                 # CPU (or --device cuda on a GPU)
 """
@@ -41,7 +45,7 @@ PRESETS = {
     # A GPU-bound step of roughly 5-10 ms on an H100 (bf16 autocast).
     "cuda": dict(width=768, depth=6, heads=12, context=256, batch_size=16),
 }
-VARIANTS = ("bare", "ugro", "naive")
+VARIANTS = ("bare", "ugro", "phases", "naive")
 
 
 class Scraper:
@@ -120,10 +124,20 @@ def telemetry_call_microseconds(
     return (time.perf_counter() - started) / calls * 1e6
 
 
+def phase_block_microseconds(telemetry: Telemetry) -> float:
+    """Host time of one ``with telemetry.phase(...)`` block (a switch in and one back), in µs."""
+    calls = 20000
+    started = time.perf_counter()
+    for _ in range(calls):
+        with telemetry.phase("forward"):
+            pass
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--reps", type=int, default=61, help="repetitions of the three blocks")
+    parser.add_argument("--reps", type=int, default=61, help="repetitions of the four blocks")
     parser.add_argument("--block-steps", type=int, default=15, help="steps per timed block")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds")
     parser.add_argument("--batches", type=int, default=16, help="distinct batches, cycled")
@@ -163,7 +177,12 @@ def main() -> None:
     )
     naive = NaiveMetrics()
     scraper = Scraper(args.scrape_interval)
-    urls = {"bare": None, "ugro": telemetry.metrics_url, "naive": naive.url}
+    urls = {
+        "bare": None,
+        "ugro": telemetry.metrics_url,
+        "phases": telemetry.metrics_url,
+        "naive": naive.url,
+    }
     position = 0
 
     def train_step(variant: str) -> None:
@@ -171,12 +190,15 @@ def main() -> None:
         with data_timers[variant]():
             inputs, targets = batches[position % len(batches)]
         position += 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        phase = phase_blocks[variant]
+        with phase("forward"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss = model(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
         record = recorders[variant]
         if record is not None:
             record(
@@ -187,11 +209,27 @@ def main() -> None:
                 optimizer=optimizer,
             )
 
-    recorders = {"bare": None, "ugro": telemetry.step, "naive": naive.step}
+    recorders = {
+        "bare": None,
+        "ugro": telemetry.step,
+        "phases": telemetry.step,
+        "naive": naive.step,
+    }
     data_timers = {
         "bare": contextlib.nullcontext,
         "ugro": telemetry.data_wait,
+        "phases": telemetry.data_wait,
         "naive": contextlib.nullcontext,
+    }
+
+    def unmarked(name: str) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    phase_blocks = {
+        "bare": unmarked,
+        "ugro": unmarked,
+        "phases": telemetry.phase,
+        "naive": unmarked,
     }
 
     def block(variant: str, steps: int) -> float:
@@ -210,7 +248,8 @@ def main() -> None:
 
     step_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep in range(args.reps):
-        order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]
+        shift = rep % len(VARIANTS)
+        order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
             step_seconds[variant].append(block(variant, args.block_steps))
         print(
@@ -222,17 +261,18 @@ def main() -> None:
     scraper.stop()
     naive.close()
     call_us = telemetry_call_microseconds(telemetry, batch_size, tokens_per_step, optimizer, device)
+    phase_us = phase_block_microseconds(telemetry)
     telemetry.close()
 
-    def paired_ratios(variant: str) -> list[float]:
-        return [t / b for t, b in zip(step_seconds[variant], step_seconds["bare"], strict=True)]
+    def paired_ratios(variant: str, base: str = "bare") -> list[float]:
+        return [t / b for t, b in zip(step_seconds[variant], step_seconds[base], strict=True)]
 
-    def median_ratio(variant: str) -> float:
-        return statistics.median(paired_ratios(variant))
+    def median_ratio(variant: str, base: str = "bare") -> float:
+        return statistics.median(paired_ratios(variant, base))
 
-    def quartiles(variant: str) -> list[float]:
+    def quartiles(variant: str, base: str = "bare") -> list[float]:
         """How noisy the machine was: the middle half of the paired ratios."""
-        q1, _, q3 = statistics.quantiles(paired_ratios(variant), n=4)
+        q1, _, q3 = statistics.quantiles(paired_ratios(variant, base), n=4)
         return [round(q1, 4), round(q3, 4)]
 
     device_name = torch.cuda.get_device_name(device) if use_cuda else platform.processor() or "cpu"
@@ -248,16 +288,23 @@ def main() -> None:
         "scrapes": scraper.scrapes,
         "step_ms_median": {v: round(statistics.median(step_seconds[v]) * 1e3, 3) for v in VARIANTS},
         "overhead_ratio": round(median_ratio("ugro"), 4),
+        "phases_ratio": round(median_ratio("phases"), 4),
+        "phases_vs_ugro_ratio": round(median_ratio("phases", "ugro"), 4),
         "naive_ratio": round(median_ratio("naive"), 4),
         "overhead_ratio_quartiles": quartiles("ugro"),
+        "phases_ratio_quartiles": quartiles("phases"),
+        "phases_vs_ugro_ratio_quartiles": quartiles("phases", "ugro"),
         "naive_ratio_quartiles": quartiles("naive"),
         "telemetry_step_call_us": round(call_us, 2),
+        "phase_block_us": round(phase_us, 3),
         "telemetry_errors": telemetry.registry.get_sample_value(
             "ugro_train_telemetry_errors_total"
         ),
     }
     print(
-        f"ugro/bare {result['overhead_ratio']:.4f}   naive/bare {result['naive_ratio']:.4f}"
+        f"ugro/bare {result['overhead_ratio']:.4f}   phases/bare {result['phases_ratio']:.4f}"
+        f"   phases/ugro {result['phases_vs_ugro_ratio']:.4f}"
+        f"   naive/bare {result['naive_ratio']:.4f}"
         f"   (median of {args.reps} paired blocks of {args.block_steps} steps)"
     )
     print(json.dumps(result))

@@ -3,6 +3,8 @@
 * ``names``       scrape jobs and their selectors, the labels rules join on, throttle reasons;
 * ``promql``      the few PromQL building blocks more than one rule needs;
 * ``recording``   the measurement rules (no thresholds): prometheus/rules/recording.yml;
+* ``goodput``     the categories a job's time is split into (which phases make each), for the
+                  recording rules and ``ugro report``;
 * ``conditions``  one rule per state the alerts fire on and the console shows, with its
                   threshold: a condition series exists exactly while its state holds, and its
                   value is the measurement the state is about.

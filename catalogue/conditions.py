@@ -11,7 +11,7 @@ never restate a threshold.
 
 from __future__ import annotations
 
-from .names import NODES
+from .names import NODES, RANK_LABELS
 from .promql import new_events
 from .rules import Record
 from .thresholds import Thresholds
@@ -31,6 +31,10 @@ NONFINITE = "job_rank:ugro_train_nonfinite:condition"
 LOSS_SPIKE = "job_rank:ugro_train_loss_spike:condition"
 LOSS_ABOVE_CEILING = "job_rank:ugro_train_loss_above_ceiling:condition"
 STALLED = "job_rank:ugro_train_stalled:condition"
+NOT_STARTED = "job_rank:ugro_train_not_started:condition"
+HUNG_RANK = "job_rank:ugro_train_hung_rank:condition"
+CHECKPOINT_OVERDUE = "job_rank:ugro_train_checkpoint_overdue:condition"
+LEAST_PROGRESSED = "job_rank:ugro_train_least_progressed:score"  # a recording (recording.py)
 THROUGHPUT_DROP = "job:ugro_train_throughput_drop:condition"
 STRAGGLER = "job_rank:ugro_train_straggler:condition"
 RANKS_DOWN = "job:ugro_train_ranks_down:condition"
@@ -81,6 +85,29 @@ def training(t: Thresholds) -> list[Record]:
             "second one, the\nmean is 0/0 and counts as 0.",
         ),
         Record(
+            HUNG_RANK,
+            "(time() - ugro_train_last_step_timestamp_seconds)\n"
+            f"* on ({RANK_LABELS}) group_right () (0 * {LEAST_PROGRESSED} + 1)\n"
+            f"and on (job_id) (count by (job_id) ({LEAST_PROGRESSED}) == 1)\n"
+            f"and on (job_id) {STALLED}",
+            why="""\
+The rank a stalled job waits for: the only one with the job's lowest progress score (the
+healthy ranks ran on to the next collective). Seconds since its last step, with its phase.
+Ranks level with each other (all in one checkpoint, say) name none.""",
+        ),
+        Record(
+            NOT_STARTED,
+            "(time() - ugro_train_start_time_seconds) > "
+            f"{tr.not_started_seconds}\n"
+            f"unless on ({RANK_LABELS}) (ugro_train_steps_total > 0)\n"
+            f"unless on ({RANK_LABELS}) ugro_train_end_time_seconds",
+            why="""\
+Seconds since a rank's telemetry started, when that is more than not_started_seconds and
+it has completed no step. A rank that has not created its Telemetry yet serves nothing and
+is not counted; one that closed its telemetry (a run without steps) is not late.""",
+        ),
+        *_checkpoint_overdue(tr.checkpoint_max_age_seconds),
+        Record(
             THROUGHPUT_DROP,
             "job:ugro_train_tokens:rate1m\n"
             f"< {tr.throughput_drop_ratio}"
@@ -118,6 +145,23 @@ def training(t: Thresholds) -> list[Record]:
             why="CUDA caching-allocator retries (it freed its cache to satisfy an allocation) "
             "within\nallocator_retries_window: memory is nearly exhausted; OOMs tend to follow.",
         ),
+    ]
+
+
+def _checkpoint_overdue(max_age_seconds: float | None) -> list[Record]:
+    if max_age_seconds is None:  # off unless the thresholds file sets it
+        return []
+    return [
+        Record(
+            CHECKPOINT_OVERDUE,
+            f"(time() - ugro_train_last_checkpoint_timestamp_seconds) > {max_age_seconds}\n"
+            f"or (\n  (time() - ugro_train_process_start_time_seconds) > {max_age_seconds}\n"
+            "  unless on (job_id) ugro_train_last_checkpoint_timestamp_seconds\n)",
+            why="""\
+Seconds since a rank's last checkpoint, or since its process started while no rank of its
+job has checkpointed, when more than checkpoint_max_age_seconds. Only the ranks that write
+count once one has: other ranks of a framework may never see a checkpoint.""",
+        )
     ]
 
 

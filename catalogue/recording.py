@@ -7,6 +7,9 @@ node; ``by (job_id)`` aggregates a job's ranks.
 
 from __future__ import annotations
 
+from ugro.common.phases import DATA, PHASES, PROGRESS_ORDER
+
+from . import goodput
 from .names import RANK_LABELS, RANKS, THROTTLED
 from .promql import on_rank_gpus
 from .rules import Group, Record
@@ -18,6 +21,10 @@ HEALTH_DISK_FULL_MARKS_FREE = 0.1  # the fullest filesystem: full marks from 10 
 HEALTH_CPU_FULL_MARKS_BUSY = 0.9  # full marks up to 90 % busy, none at 100 %
 # How long a lifecycle latch reads its own last value back: covers a restart of Prometheus.
 LATCH_MEMORY = "10m"
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
 
 
 def _mean(metric: str, window: str, by: str = "") -> str:
@@ -128,17 +135,91 @@ RATES = Group(
     ],
 )
 
+# The progress score counts steps in units of this, and adds the place of the rank's phase
+# within a step (PROGRESS_ORDER), which must stay below it.
+PROGRESS_STEP_WEIGHT = 10
+assert max(PROGRESS_ORDER.values()) < PROGRESS_STEP_WEIGHT
+assert set(PROGRESS_ORDER) == set(PHASES)
+
+
+def _phase_places() -> str:
+    """Each rank's place within a step (PROGRESS_ORDER) as the value of its phase series, one
+    alternative per place, generated so that the order is written only in ugro.common.phases."""
+    places: dict[int, list[str]] = {}
+    for phase in PHASES:
+        places.setdefault(PROGRESS_ORDER[phase], []).append(phase)
+    alternatives = [
+        f'0 * ugro_train_phase{{phase=~"{"|".join(members)}"}} + {place}'
+        for place, members in sorted(places.items())
+    ]
+    return "\nor ".join(alternatives)
+
+
+_PHASE_RATE = "job_rank:ugro_train_phase_seconds:rate5m"
+_PRODUCTIVE = f'phase=~"{goodput.phase_regex(goodput.PRODUCTIVE)}"'
+PHASE_RULES = Group(
+    "ugro-training-phases",
+    why="""\
+Where the ranks' time goes and how far each has got. A rank is always in one phase
+(ugro.common.phases); ugro_train_phase_seconds_total counts its seconds per phase, the current
+one up to the scrape, so a rank's phase rates sum to 1. The goodput categories group phases as
+catalogue/goodput.py defines them; stalls and restarts are taken out by `ugro report`, which
+sees the whole run.""",
+    rules=[
+        Record(
+            _PHASE_RATE,
+            "rate(ugro_train_phase_seconds_total[5m])",
+            why="The share of its wall time each rank spent in each phase over 5 minutes.",
+        ),
+        Record(
+            "job_phase:ugro_train_phase_seconds:avg_rate5m",
+            f"sum by (job_id, phase) ({_PHASE_RATE})\n"
+            "/ on (job_id) group_left ()\n"
+            f"count by (job_id) (count by ({RANK_LABELS}) ({_PHASE_RATE}))",
+            why="The job's share of rank-time per phase: the mean over its ranks, a rank without "
+            "a phase's\nseries counting 0 there, so that a job's phases sum to 1.",
+        ),
+        Record(
+            "job:ugro_train_goodput:ratio_rate5m",
+            f"(\n  sum by (job_id) ({_PHASE_RATE}{{{_PRODUCTIVE}}})\n"
+            f"  or sum by (job_id) ({_PHASE_RATE}) * 0\n)\n"
+            f"/ sum by (job_id) ({_PHASE_RATE})",
+            why="The productive phases' share of the job's rank-time: 0, not absent, while no "
+            "rank has\ncompleted a step yet. A hung rank's time counts in the phase it hangs in.",
+        ),
+        Record(
+            "job_rank:ugro_train_progress:score",
+            f"ugro_train_steps_total * {PROGRESS_STEP_WEIGHT}\n"
+            "+ ignoring (phase) group_right ()\n"
+            f"(\n{_indent(_phase_places())}\n)",
+            why="""\
+How far a rank has got: steps completed, then its phase's place within a step. When a job
+hangs, the healthy ranks run on to the next collective and wait there; the rank they wait
+for has the lowest score. Carries the rank's phase.""",
+        ),
+        Record(
+            "job_rank:ugro_train_least_progressed:score",
+            "job_rank:ugro_train_progress:score\n"
+            "== on (job_id) group_left ()\n"
+            "min by (job_id) (job_rank:ugro_train_progress:score)",
+            why="The ranks at their job's lowest progress score (all of them while they are "
+            "level).",
+        ),
+    ],
+)
+
 STRAGGLERS = Group(
     "ugro-training-stragglers",
     rules=[
         Record(
             "job_rank:ugro_train_busy:ratio1m",
-            "clamp(1 - rate(ugro_train_data_wait_seconds_total[1m]), 0, 1)\n"
+            "clamp(1 - sum without (phase) ("
+            f'rate(ugro_train_phase_seconds_total{{phase="{DATA}"}}[1m])), 0, 1)\n'
             "or (ugro_train_steps_total * 0 + 1)",
             why="""\
-The share of its time a rank is not waiting for input. Under synchronous DDP all ranks
-step together, so a slow input pipeline shows as the time that rank spends waiting;
-ranks that do not time their data loading count as never waiting.""",
+The share of its time a rank is not waiting for input (its data phase). Under synchronous
+DDP all ranks step together, so a slow input pipeline shows as the time that rank spends
+waiting; ranks that do not mark their data loading count as never waiting.""",
         ),
         Record(
             "job_rank:ugro_train_effective_tokens:rate1m",
@@ -266,7 +347,7 @@ NODE_HEALTH = Group(
     ],
 )
 
-GROUPS = [LIFECYCLE, RATES, STRAGGLERS, GPUS, NODE_HEALTH]
+GROUPS = [LIFECYCLE, RATES, PHASE_RULES, STRAGGLERS, GPUS, NODE_HEALTH]
 
 HEADER = """\
 Generated by `python -m ugro.alerts build` from catalogue/recording.py: edit that, not this.

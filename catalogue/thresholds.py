@@ -46,6 +46,17 @@ class TrainingThresholds:
     allocator_retries_count: float
     allocator_retries_window: Duration
     allocator_retries_for: Duration
+    not_started_seconds: float
+    not_started_for: Duration
+    hung_rank_for: Duration | None  # None: the same as stall_for
+    checkpoint_max_age_seconds: float | None  # None: no checkpoint alert
+    checkpoint_overdue_for: Duration
+
+    @property
+    def hung_rank_duration(self) -> Duration:
+        """The hung-rank alert's ``for:``: its own, or the stall alert's, whose page it
+        replaces."""
+        return self.hung_rank_for if self.hung_rank_for is not None else self.stall_for
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     for section, kind in _SECTION_TYPES.items()
 }
 SECTIONS = tuple(FIELDS)
+# Fields that may be null: a default taken from another field, or a feature left off.
+NULLABLE = {"training.hung_rank_for", "training.checkpoint_max_age_seconds"}
 # runbook_base_url goes into every rule's annotations, which Prometheus reads as templates: a
 # quote or brace there breaks the rule file, whitespace or a backslash breaks the link, and
 # "#<alert>" is appended to it. An http(s) URL, or a path relative to where the alert is read
@@ -164,6 +177,8 @@ def check_runbook_base_url(where: str, url: Any) -> None:
 
 def check_value(where: str, key: str, value: Any) -> None:
     """Raise ThresholdsError unless ``value`` suits the field ``key`` (``section.field``)."""
+    if value is None and key in NULLABLE:
+        return
     if key.endswith(("_for", "_window")):
         if (
             not isinstance(value, str)

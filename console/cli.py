@@ -1,6 +1,7 @@
 """``ugro``: the terminal commands. ``ugro watch JOB`` shows a job live; ``ugro report JOB``
-sums a job up over its lifetime; ``ugro compare JOB JOB...`` puts jobs side by side; ``ugro demo``
-runs a monitored job on this machine from end to end."""
+sums a job up over its lifetime; ``ugro compare JOB JOB...`` puts jobs side by side; ``ugro jobs``
+lists every job of the last days; ``ugro demo`` runs a monitored job on this machine from end to
+end."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ _SERVER_FLAGS = {
     "watch": ("prometheus", "alertmanager"),
     "report": ("prometheus",),
     "compare": ("prometheus",),
+    "jobs": ("prometheus",),
 }
 _ENVIRONMENT = {"prometheus": "UGRO_PROMETHEUS_URL", "alertmanager": "UGRO_ALERTMANAGER_URL"}
 
@@ -38,10 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default $UGRO_ALERTMANAGER_URL or {default_alertmanager_url()})",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from . import demo, report, watch
+    from . import demo, jobs, report, watch
 
     watch.add_parser(commands)
     report.add_parsers(commands)
+    jobs.add_parser(commands)
     demo.add_parser(commands)
     return parser
 

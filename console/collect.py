@@ -47,10 +47,12 @@ README point here):
   (model FLOP/s over the devices' peak) where the loop declared its FLOPs and a peak is known.
   over the lifetime, peak of ``job_rank:ugro_gpu_memory_used:bytes``, mean and peak of
   ``job_rank:ugro_gpu_temperature:celsius``. All null for a job whose ranks name no GPU.
-* **Per rank**, besides the above: data-wait share = ``ugro_train_data_wait_seconds_total``
-  over the rank's stepping time (``step_duration_seconds_sum``), and the mean of the finite
-  points of ``job_rank:ugro_train_straggler_score:ratio`` (1 = the job's median rank).
+* **Per rank**, besides the above: data-wait share = the rank's seconds in phase ``data``
+  (``ugro_train_phase_seconds_total{phase="data"}``) over its stepping time
+  (``step_duration_seconds_sum``), and the mean of the finite points of
+  ``job_rank:ugro_train_straggler_score:ratio`` (1 = the job's median rank).
 * **Efficiency**: see ``job_report.EFFICIENCY_HELP``.
+* **Where the time went** and **checkpoints**: see ``goodput.py``.
 * **Alerts**: every ``ALERTS{alertstate="firing"}`` series with the job's ``job_id`` at any time
   up to now (so "ranks down" after a crash counts), plus those on the job's GPUs
   (``gpu_uuid``) and nodes while it ran; first and last seen at the report's resolution.
@@ -218,7 +220,7 @@ def collect(
     return JobReport(
         job_id=job_id,
         prometheus=prometheus.url,
-        status=_status(running, bool(ranks_down), record, steps, target, all_ended),
+        status=run_status(running, bool(ranks_down), record, steps, target, all_ended),
         start_time=launched,
         end_time=end,
         duration_seconds=max(0.0, end - launched),
@@ -265,7 +267,9 @@ def _rank_figures(q: JobQueries, starts: dict[int, float]) -> list[RankFigures]:
     tokens = last("ugro_train_tokens_total")
     duration_sum = last("ugro_train_step_duration_seconds_sum")
     duration_count = last("ugro_train_step_duration_seconds_count")
-    data_wait = last("ugro_train_data_wait_seconds_total")
+    data_wait = q.by_rank(
+        'max by (rank) (last_over_time(ugro_train_phase_seconds_total{$sel,phase="data"}[$w]))'
+    )
     restarts = q.by_rank("sum by (rank) (resets(ugro_train_steps_total{$sel}[$w]))")
     gpu_util = q.by_rank(
         "avg by (rank) (avg_over_time(job_rank:ugro_gpu_utilization:ratio{$sel}[$w]))"
@@ -374,7 +378,7 @@ def _efficiency(progress: float | None, input_: float | None, gpu: float | None)
     return Efficiency(score=round(score, 1), progress=progress, input=input_, gpu=gpu)
 
 
-def _status(
+def run_status(
     running: bool,
     ranks_down: bool,
     record: records.JobRecord | None,
@@ -382,6 +386,8 @@ def _status(
     target: float | None,
     all_ended: bool = False,
 ) -> str:
+    """A run's status (finished, failed, stopped, lost, running): one rule, for ``ugro report``
+    and ``ugro jobs`` alike."""
     if (target is not None and steps is not None and steps >= target) or all_ended:
         # Whatever the ranks did after their last step: they may still serve /metrics for a
         # few seconds (the final scrape that Telemetry.close() waits for) before exiting.

@@ -20,8 +20,8 @@ EFFICIENCY_HELP = f"""\
             shorter than one rate window is judged by the scrape intervals in which the
             step counter rose;
   input     1 - the largest per-rank share of stepping time spent waiting for the next
-            batch (ugro_train_data_wait_seconds_total): under synchronous DDP the slowest
-            input pipeline sets every rank's pace;
+            batch (ugro_train_phase_seconds_total{{phase="data"}}): under synchronous DDP the
+            slowest input pipeline sets every rank's pace;
   gpu       mean SM activity of the job's GPUs over its lifetime where they report it
             (job:ugro_gpu_sm_active:avg_ratio, NVML GPM on Hopper and newer), else their
             mean utilisation (job:ugro_gpu_utilization:avg_ratio).
@@ -30,6 +30,10 @@ its data loading has no data wait) counts as 1 and is shown as n/a."""
 
 _DURATION = re.compile(r"^([0-9]+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
 
 
 class JobNotFound(LookupError):
@@ -94,6 +98,79 @@ Points = list[tuple[float, float]]  # (Unix seconds, value)
 
 
 @dataclass
+class RankTime:
+    """Where one rank's wall time went: seconds per goodput category
+    (``ugro.catalogue.goodput.CATEGORIES``), made by ``goodput.account``."""
+
+    rank: int
+    wall_seconds: float  # its processes' lifetimes and the gaps between them
+    seconds: dict[str, float]  # category → seconds; they add up to wall_seconds
+    phase_seconds: dict[str, float]  # phase → seconds its counters counted, every incarnation
+    incarnations: int = 1  # processes the rank ran as (torchrun restarts add one each)
+    stall_episodes: int = 0
+
+    def shares(self) -> dict[str, float | None]:
+        return {c: _share(s, self.wall_seconds) for c, s in self.seconds.items()}
+
+
+@dataclass
+class TimeAccounting:
+    """Where the job's time went: per rank, and for the job the mean over its ranks."""
+
+    categories: tuple[str, ...]
+    ranks: list[RankTime]
+
+    @property
+    def wall_seconds(self) -> float:
+        return sum(r.wall_seconds for r in self.ranks) / len(self.ranks)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Category → seconds of the mean rank (the ranks run side by side)."""
+        return {c: sum(r.seconds[c] for r in self.ranks) / len(self.ranks) for c in self.categories}
+
+    def shares(self) -> dict[str, float | None]:
+        """Category → its share of all the ranks' wall time together."""
+        return {c: _share(s, self.wall_seconds) for c, s in self.seconds.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "categories": list(self.categories),
+            "job": {
+                "wall_seconds": self.wall_seconds,
+                "seconds": self.seconds,
+                "shares": self.shares(),
+            },
+            "ranks": [
+                {
+                    "rank": r.rank,
+                    "wall_seconds": r.wall_seconds,
+                    "seconds": r.seconds,
+                    "shares": r.shares(),
+                    "phase_seconds": r.phase_seconds,
+                    "incarnations": r.incarnations,
+                    "stall_episodes": r.stall_episodes,
+                }
+                for r in self.ranks
+            ],
+        }
+
+
+@dataclass
+class Checkpoints:
+    """The job's checkpoints; ``count`` 0 when none was recorded."""
+
+    count: int
+    steps_between_mean: float | None = None  # steps at the last checkpoint / checkpoints
+    last_time: float | None = None  # Unix seconds the last one completed
+    last_age_seconds: float | None = None  # from it to the end of the run (0: at the end)
+    last_duration_seconds: float | None = None
+    seconds: float | None = None  # the checkpoint category's seconds (mean rank)
+    share: float | None = None  # … and its share of the wall time
+    bytes: int | None = None  # written by all ranks; None when no rank reported bytes
+
+
+@dataclass
 class Curves:
     """The series behind the plots, at ``JobReport.resolution_seconds``."""
 
@@ -138,6 +215,9 @@ class JobReport:
     gpu_sm_active_mean: float | None = None  # GPM; None where the GPUs do not report it
     mfu_mean: float | None = None  # None where the loop declared no FLOPs or no peak is known
     curves: Curves = field(default_factory=Curves, repr=False)
+    # Filled by ``goodput.add_time_accounting``; None where the ranks report no phases.
+    time_accounting: TimeAccounting | None = None
+    checkpoints: Checkpoints | None = None
 
     @property
     def loss_reduction_percent(self) -> float | None:
@@ -197,6 +277,8 @@ class JobReport:
                 "temperature_peak_celsius": self.gpu_temperature_peak_celsius,
             },
             "efficiency": asdict(self.efficiency),
+            "goodput": self.time_accounting.to_json() if self.time_accounting else None,
+            "checkpoints": asdict(self.checkpoints) if self.checkpoints else None,
             "ranks": [asdict(rank) for rank in self.ranks],
             "alerts": [asdict(alert) for alert in self.alerts],
         }

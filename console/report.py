@@ -22,6 +22,7 @@ from rich.text import Text
 from ugro.common.identifiers import JOB_ID, JOB_ID_EXPECTED
 
 from .collect import collect
+from .goodput import add_time_accounting
 from .job_report import DEFAULT_LOOKBACK, EFFICIENCY_HELP, JobNotFound, JobReport, parse_duration
 from .report_text import render_compare, render_report
 from .servers import Prometheus, QueryError, Unreachable
@@ -52,11 +53,14 @@ def _lookback(text: str) -> float:
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser(
         "report",
-        help="a job's figures over its lifetime: time, work, throughput, loss, GPUs, alerts",
+        help="a job's figures over its lifetime: time, work, throughput, loss, GPUs, goodput, "
+        "checkpoints, alerts",
         description="Sum a training job up over its lifetime, from Prometheus: duration, steps,\n"
         "samples and tokens, mean and peak throughput, initial/final/best loss, per-rank\n"
-        "figures, GPU utilisation, memory and temperature, an efficiency score and the\n"
-        "alerts that fired. How each figure is computed: console/collect.py.",
+        "figures, GPU utilisation, memory and temperature, an efficiency score, where the\n"
+        "time went (productive, data, checkpoint, evaluation, startup, stalled, restarts),\n"
+        "the checkpoints and the alerts that fired. How each figure is computed:\n"
+        "console/collect.py and console/goodput.py.",
         epilog=f"{EFFICIENCY_HELP}\n\n{_EXIT_CODES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,7 +119,7 @@ def _gather(
     try:
         for job in job_ids:
             try:
-                reports.append(collect(prometheus, job, args.lookback))
+                reports.append(full_report(prometheus, job, args.lookback))
             except JobNotFound as error:
                 missing.append(str(error))
     except Unreachable as error:
@@ -142,7 +146,7 @@ def run_report(args: argparse.Namespace) -> int:
         return reports
     report = reports[0]
     if args.json:
-        _print_json(report.to_json())
+        print_json(report.to_json())
     else:
         print_renderable(render_report(report))
     if args.plots is not None:
@@ -163,7 +167,7 @@ def run_compare(args: argparse.Namespace) -> int:
         return reports
     best = winners(reports)
     if args.json:
-        _print_json({"jobs": [r.to_json() for r in reports], "best": best})
+        print_json({"jobs": [r.to_json() for r in reports], "best": best})
     else:
         print_renderable(render_compare(reports, best))
     return 0
@@ -175,14 +179,19 @@ def print_report(
     """The text report of ``job_id`` on ``console`` (for ``ugro demo``); when there is none,
     one line saying why. Returns whether the report was printed."""
     try:
-        console.print(render_report(collect(prometheus, job_id, lookback)))
+        console.print(render_report(full_report(prometheus, job_id, lookback)))
     except (JobNotFound, Unreachable, QueryError) as error:
         console.print(Text(f"ugro report: {error}"))
         return False
     return True
 
 
-def _print_json(document: dict[str, Any]) -> None:
+def full_report(prometheus: Prometheus, job_id: str, lookback: float | None) -> JobReport:
+    """``collect``'s figures and where the time went (``goodput``)."""
+    return add_time_accounting(prometheus, collect(prometheus, job_id, lookback))
+
+
+def print_json(document: dict[str, Any]) -> None:
     print(json.dumps(_json_safe(document), indent=2, allow_nan=False))
 
 

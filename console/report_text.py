@@ -10,9 +10,15 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from ugro.catalogue import goodput
+
 from . import formatting as fmt
 from .formatting import MISSING
 from .job_report import JobReport
+
+GOODPUT = goodput.PRODUCTIVE  # the category whose share is the goodput
+# What the report says of a category (ugro.catalogue.goodput.CATEGORIES), where it says more.
+_CATEGORY_NOTES = {GOODPUT: "completing steps (goodput)"}
 
 # -- the report ------------------------------------------------------------------------------
 
@@ -128,6 +134,10 @@ def render_report(report: JobReport) -> RenderableType:
         Text(),
         efficiency,
         Text(),
+        _where_the_time_went(r),
+        Text(),
+        _checkpoints(r),
+        Text(),
         Text("Ranks", style="bold"),
         _ranks_work(r),
         Text(),
@@ -136,6 +146,73 @@ def render_report(report: JobReport) -> RenderableType:
         Text("Alerts fired", style="bold"),
         _alerts_table(r),
     )
+
+
+def _where_the_time_went(r: JobReport) -> RenderableType:
+    title = Text("Where the time went", style="bold")
+    t = r.time_accounting
+    if t is None:
+        return Group(title, Text("  no phase series recorded (the ranks' telemetry reports none)"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(min_width=13)
+    grid.add_column(justify="right")
+    grid.add_column(justify="right")
+    grid.add_column()
+    seconds, shares = t.seconds, t.shares()
+    for category in t.categories:
+        grid.add_row(
+            Text("  " + category),
+            Text(fmt.share(shares[category])),
+            Text(fmt.duration(seconds[category])),
+            Text(_CATEGORY_NOTES.get(category, ""), style="dim"),
+        )
+    ranks = len(t.ranks)
+    lead = Text(
+        f"  wall time {fmt.duration(t.wall_seconds)} per rank (mean of {fmt.count(ranks)}), "
+        "from the first process start to the last scrape"
+    )
+    table = _table("rank", "wall", *t.categories)
+    for rank in t.ranks:
+        rank_shares = rank.shares()
+        table.add_row(
+            str(rank.rank),
+            fmt.duration(rank.wall_seconds),
+            *(fmt.share(rank_shares[c]) for c in t.categories),
+        )
+    return Group(title, lead, grid, Text(), table)
+
+
+def _checkpoints(r: JobReport) -> RenderableType:
+    title = Text("Checkpoints", style="bold")
+    c = r.checkpoints
+    if c is None or c.count == 0:
+        return Group(title, Text("  no checkpoints recorded"))
+    every = (
+        f", every {c.steps_between_mean:.1f} steps on average"
+        if c.steps_between_mean is not None
+        else ""
+    )
+    when = (
+        "at the end of the run"
+        if c.last_age_seconds == 0
+        else f"{fmt.duration(c.last_age_seconds)} before the end of the run"
+    )
+    last = f"{fmt.timestamp(c.last_time)}, {when}, took {fmt.duration(c.last_duration_seconds)}"
+    rows = [
+        ("count", f"{fmt.count(c.count)}{every}"),
+        ("last", last),
+        ("time spent", f"{fmt.duration(c.seconds)} ({fmt.share(c.share)} of the wall time)"),
+    ]
+    if c.bytes is not None:
+        rows.append(("written", _bytes(c.bytes)))
+    return _section("Checkpoints", rows)
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def _table(*columns: str, right_from: int = 1) -> Table:
@@ -237,8 +314,16 @@ _COMPARE_ROWS: list[tuple[str, Callable[[JobReport], str]]] = [
     ("GPU memory peak", lambda r: fmt.gibibytes(r.gpu_memory_used_peak_bytes)),
     ("GPU temp peak", lambda r: fmt.celsius(r.gpu_temperature_peak_celsius)),
     ("efficiency", lambda r: f"{r.efficiency.score:.1f}"),
+    ("goodput", lambda r: _goodput(r)),
     ("alerts fired", lambda r: str(len(r.alerts))),
 ]
+
+
+def _goodput(r: JobReport) -> str:
+    """The productive share of the job's wall time (``Where the time went``)."""
+    if r.time_accounting is None:
+        return MISSING
+    return fmt.share(r.time_accounting.shares()[GOODPUT])
 
 
 def render_compare(reports: Sequence[JobReport], best: dict[str, str | None]) -> RenderableType:

@@ -86,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pause", type=float, default=0.0, help="seconds to sleep per step")
     parser.add_argument("--nonfinite-rank", type=int, default=None)
     parser.add_argument("--nonfinite-steps", default="0-0", help="A-B: steps A to B inclusive")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "hf_tiny_gpt2"))
     return parser.parse_args()
@@ -111,7 +113,11 @@ def main() -> None:
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=1e-3,
         logging_steps=args.log_every,
-        save_strategy="no",
+        save_strategy="steps" if args.save_every else "no",
+        save_steps=args.save_every or 500,
+        eval_strategy="steps" if args.eval_every else "no",
+        eval_steps=args.eval_every or None,
+        per_device_eval_batch_size=args.batch_size,
         report_to="none",
         disable_tqdm=True,  # log lines instead of a progress bar
         seed=args.seed,
@@ -126,6 +132,10 @@ def main() -> None:
         model=model,
         args=training,
         train_dataset=data,
+        # Held-out sequences of the same kind, two batches per rank.
+        eval_dataset=sequences(2 * args.batch_size * world_size, args.seed + 1)
+        if args.eval_every
+        else None,
         data_collator=default_data_collator,
         callbacks=callbacks,
     )

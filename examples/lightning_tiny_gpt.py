@@ -17,6 +17,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -60,6 +61,9 @@ class TinyGPT(pl.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         return loss
 
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(**batch).loss, sync_dist=True)
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=LEARNING_RATE)
         # Linear warm-up to the full rate at the last step.
@@ -75,6 +79,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--data-delay", type=float, default=0.0, help="seconds per sample")
     parser.add_argument("--log-dir", help="write Lightning's own logged values here (CSV)")
+    parser.add_argument(
+        "--val-every", type=int, default=0, help="validate every N optimizer steps (0: never)"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)"
+    )
+    parser.add_argument("--checkpoint-dir", help="where checkpoints go (default: under --log-dir)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")
@@ -85,6 +96,23 @@ def main() -> None:
     samples = args.steps * args.accumulate * args.batch_size * world_size
     data = TokenDataset(token_data(samples, args.seq_len, args.seed), args.data_delay)
     pl.seed_everything(args.seed, verbose=False)
+    validation: dict = {"limit_val_batches": 0}
+    loaders: dict = {}
+    if args.val_every:
+        # Lightning counts its validation interval in training batches, not optimizer steps.
+        validation = {
+            "val_check_interval": args.val_every * args.accumulate,
+            "limit_val_batches": 2,
+            "num_sanity_val_steps": 0,
+        }
+        held_out = TokenDataset(token_data(4 * args.batch_size, args.seq_len, args.seed + 1), 0.0)
+        loaders["val_dataloaders"] = torch.utils.data.DataLoader(held_out, args.batch_size)
+    callbacks: list[pl.Callback] = [UgroCallback()]
+    if args.checkpoint_every:
+        directory = args.checkpoint_dir or os.path.join(args.log_dir or ".", "checkpoints")
+        callbacks.append(
+            ModelCheckpoint(directory, every_n_train_steps=args.checkpoint_every, save_top_k=-1)
+        )
     trainer = pl.Trainer(
         accelerator="auto",
         devices=per_node,
@@ -94,15 +122,16 @@ def main() -> None:
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate,
         gradient_clip_val=1.0,
-        callbacks=[UgroCallback()],
+        callbacks=callbacks,
         logger=CSVLogger(args.log_dir, name="", version="") if args.log_dir else False,
         log_every_n_steps=1,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.checkpoint_every),
         enable_progress_bar=False,
         enable_model_summary=False,
+        **validation,
     )
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
-    trainer.fit(TinyGPT(args.steps), loader)
+    trainer.fit(TinyGPT(args.steps), loader, **loaders)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, tab
 from grafana_foundation_sdk.builders.common import (
     GraphThresholdsStyleConfig,
     ReduceDataOptions,
+    StackingConfig,
     VizLegendOptions,
 )
 from grafana_foundation_sdk.cog import builder as cogbuilder
@@ -64,8 +65,10 @@ def graph(
     minimum: float | None = None,
     maximum: float | None = None,
     threshold: float | None = None,
+    stacked: bool = False,
 ) -> timeseries.Panel:
-    """A time series panel; ``threshold`` draws a dashed red line (an alert's threshold)."""
+    """A time series panel; ``threshold`` draws a dashed red line (an alert's threshold);
+    ``stacked`` piles the series up (shares that add up to a whole)."""
     panel = (
         timeseries.Panel()
         .title(title)
@@ -84,6 +87,8 @@ def graph(
             .calcs(["lastNotNull", "max"])
         )
     )
+    if stacked:
+        panel = panel.stacking(StackingConfig().mode(common.StackingMode.NORMAL)).fill_opacity(60)
     if minimum is not None:
         panel = panel.min(minimum)
     if maximum is not None:
@@ -144,11 +149,31 @@ def states(
     height: int = 6,
 ) -> statetimeline.Panel:
     """A state timeline of 0/1 series, named ``ok``/``bad`` instead of numbers."""
-    good_value = 1 - bad_value
+    return named_states(
+        title,
+        description,
+        *queries,
+        names={1 - bad_value: (ok, "green"), bad_value: (bad, "red")},
+        show_value=common.VisibilityMode.NEVER,
+        width=width,
+        height=height,
+    )
+
+
+def named_states(
+    title: str,
+    description: str,
+    *queries,
+    names: dict[int, tuple[str, str]],
+    show_value: common.VisibilityMode = common.VisibilityMode.AUTO,
+    width: int = 12,
+    height: int = 6,
+) -> statetimeline.Panel:
+    """A state timeline whose values are codes: ``names`` maps each to (text, colour)."""
     mapping = model.ValueMap(
         {
-            str(good_value): model.ValueMappingResult(text=ok, color="green", index=0),
-            str(bad_value): model.ValueMappingResult(text=bad, color="red", index=1),
+            str(value): model.ValueMappingResult(text=text, color=color, index=index)
+            for index, (value, (text, color)) in enumerate(sorted(names.items()))
         }
     )
     panel = (
@@ -160,7 +185,7 @@ def states(
         .span(width)
         .height(height)
         .mappings([mapping])
-        .show_value(common.VisibilityMode.NEVER)
+        .show_value(show_value)
         .fill_opacity(80)
     )
     return with_targets(panel, queries)

@@ -13,8 +13,9 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.models import dashboard as model
 
-from ugro.catalogue import conditions
+from ugro.catalogue import conditions, goodput
 from ugro.catalogue.thresholds import Thresholds
+from ugro.common import phases
 
 from . import presets as p
 
@@ -230,6 +231,107 @@ def since_last_step():
     )
 
 
+# -- where the time went ------------------------------------------------------------------
+
+# The colour a phase has wherever the dashboard shows it: the productive ones green.
+PHASE_COLORS = {
+    phases.STARTUP: "purple",
+    phases.DATA: "orange",
+    phases.STEP: "green",
+    phases.FORWARD: "green",
+    phases.BACKWARD: "semi-dark-green",
+    phases.OPTIMIZER: "dark-green",
+    phases.CHECKPOINT: "blue",
+    phases.EVALUATION: "yellow",
+}
+assert set(PHASE_COLORS) == set(phases.PHASES)
+
+
+def phase_code(selector: str) -> str:
+    """Each rank's current phase as a number, its index in ``phases.PHASES`` (a state
+    timeline shows values, and a phase is a label)."""
+    return "\nor ".join(
+        f'0 * ugro_train_phase{{{selector}, phase="{phase}"}} + {code}'
+        for code, phase in enumerate(phases.PHASES)
+    )
+
+
+def phase_shares():
+    productive = ", ".join(goodput.PHASES_OF[goodput.PRODUCTIVE])
+    return p.graph(
+        "Where the time went",
+        "The job's rank-time per phase over the last 5 minutes, averaged over its ranks (they "
+        f"add up to 100 %). Productive: {productive}; the rest is waiting for input, "
+        "checkpointing, evaluating and starting up. A hung rank's time stays in the phase it "
+        "hangs in; `ugro report` also takes out stalls and restarts.",
+        p.RATIO,
+        p.query(
+            f"job_phase:ugro_train_phase_seconds:avg_rate5m{{{JOB}}}",
+            "{{phase}}",
+        ),
+        width=12,
+        minimum=0,
+        maximum=1,
+        stacked=True,
+    )
+
+
+def rank_phases():
+    return p.named_states(
+        "Phase per rank",
+        "The phase each rank is in at each scrape. When a job hangs, the rank the others wait "
+        "for is the one in another phase (or a step behind): TrainingHungRank names it.",
+        p.query(f"max by (rank) (\n{phase_code(RANKS)}\n)", RANK),
+        names={code: (phase, PHASE_COLORS[phase]) for code, phase in enumerate(phases.PHASES)},
+        width=12,
+        height=8,
+    )
+
+
+def goodput_ratio():
+    return p.single_value(
+        "Goodput (5m)",
+        "The productive phases' share of the job's rank-time over the last 5 minutes.",
+        p.RATIO,
+        f"job:ugro_train_goodput:ratio_rate5m{{{JOB}}}",
+        width=6,
+    )
+
+
+def checkpoint_count():
+    return p.single_value(
+        "Checkpoints",
+        "Checkpoints completed (Telemetry.checkpoint), by the rank that completed most; empty "
+        "before the first.",
+        p.COUNT,
+        f"max(ugro_train_checkpoints_total{{{JOB}}})",
+        width=6,
+    )
+
+
+def checkpoint_age(thresholds: Thresholds):
+    limit = thresholds.training.checkpoint_max_age_seconds
+    return p.single_value(
+        "Last checkpoint",
+        "Seconds since the job's latest checkpoint completed"
+        + (f"; red past the checkpoint alert's limit ({limit:g} s)." if limit is not None else "."),
+        p.SECONDS,
+        f"time() - max(ugro_train_last_checkpoint_timestamp_seconds{{{JOB}}})",
+        width=6,
+        red_from=limit,
+    )
+
+
+def checkpoint_duration():
+    return p.single_value(
+        "Last checkpoint took",
+        "How long the latest checkpoint took, on the slowest rank.",
+        p.SECONDS,
+        f"max(ugro_train_last_checkpoint_duration_seconds{{{JOB}}})",
+        width=6,
+    )
+
+
 # -- the job's GPUs ------------------------------------------------------------------------
 
 
@@ -435,6 +537,17 @@ def dashboard(thresholds: Thresholds) -> dash.Dashboard:
                 data_wait(),
                 nonfinite_steps(thresholds),
                 since_last_step(),
+            ],
+        ),
+        (
+            dash.Row("Where the time went"),
+            [
+                phase_shares(),
+                rank_phases(),
+                goodput_ratio(),
+                checkpoint_count(),
+                checkpoint_age(thresholds),
+                checkpoint_duration(),
             ],
         ),
         (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import os
 import pathlib
 import re
@@ -29,9 +31,11 @@ from .launch import (
 )
 from .nodes import NodeSet
 from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
+from .stacks import collect_stacks, format_report
 
-VERBS = ("run", "status", "stop", "logs", "list", "stop-exporters")
+VERBS = ("run", "status", "stop", "logs", "stacks", "list", "stop-exporters")
 DEFAULT_RDZV_PORT = 29500
+DEFAULT_DUMP_SECONDS = 10.0
 
 EPILOG = """\
 verbs:
@@ -43,6 +47,10 @@ verbs:
                   interrupted and rolls back; one whose launcher was killed (state
                   "interrupted") is stopped like a running job
   logs     JOB    the end of a node's torchrun output (--node, --lines, --follow)
+  stacks   JOB    a py-spy dump of every rank on every node, grouped by identical stack
+                  (main thread, innermost frame last); a rank alone in its group among
+                  larger ones is marked as the odd one out. --json for tools; -i INVENTORY
+                  for a job not launched from here; exit 1 if any rank was not dumped
   list            the jobs this machine launched, newest last
   stop-exporters  -i INVENTORY [--nodes A,B]  stop the ugro-exporter that `run` started on
                   nodes, after removing their Prometheus targets (so NodeExporterDown stays
@@ -187,6 +195,30 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("--lines", type=int, default=100)
     logs.add_argument("--follow", "-f", action="store_true")
     logs.set_defaults(handler=show_logs)
+
+    stacks = verbs.add_parser(
+        "stacks", parents=[ssh], help="every rank's Python stack (py-spy), grouped"
+    )
+    stacks.add_argument("job_id")
+    stacks.add_argument(
+        "-i",
+        "--inventory",
+        type=pathlib.Path,
+        help="reach the nodes as this inventory says (default: as the job's record says); "
+        "for a job launched from another machine",
+    )
+    stacks.add_argument(
+        "--nodes", help="comma-separated node names (default: every node of the job)"
+    )
+    stacks.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_DUMP_SECONDS,
+        metavar="SECONDS",
+        help=f"per rank (default {DEFAULT_DUMP_SECONDS:g})",
+    )
+    stacks.add_argument("--json", action="store_true", help="the dumps and groups as JSON")
+    stacks.set_defaults(handler=show_stacks)
 
     listing = verbs.add_parser("list", help="the jobs launched from this machine")
     listing.set_defaults(handler=list_jobs)
@@ -431,6 +463,67 @@ def show_logs(args: argparse.Namespace, command: list[str]) -> int:
             *(["--follow"] if args.follow else []),
         )
         return nodes.shells[node.name].stream(argv)
+
+
+def show_stacks(args: argparse.Namespace, command: list[str]) -> int:
+    if not JOB_ID.fullmatch(args.job_id):
+        raise UsageError(f"job id {args.job_id!r}: expected {JOB_ID_EXPECTED}")
+    if not 1 <= args.timeout <= 300:
+        raise UsageError(f"--timeout {args.timeout:g}: expected 1 to 300 seconds per rank")
+    record: records.JobRecord | None = None
+    if args.inventory is None:
+        try:
+            record = records.load_record(args.job_id)
+        except records.RecordError as error:
+            raise records.RecordError(
+                f"{error}; for a job launched from another machine give its inventory: "
+                f"ugro-launch stacks {args.job_id} -i INVENTORY"
+            ) from None
+        plan = plan_from_record(record)
+        inventory, job_nodes, ranks_per_node = plan.inventory, plan.nodes, plan.nproc_per_node
+    else:
+        inventory = load_inventory(args.inventory)
+        with contextlib.suppress(records.RecordError):
+            record = records.load_record(args.job_id)
+        known = {node.name for node in inventory.nodes}
+        if record is not None and set(record.nodes) <= known:
+            job_nodes = tuple(inventory.node(name) for name in record.nodes)
+        else:
+            job_nodes = inventory.nodes
+        ranks_per_node = record.nproc_per_node if record is not None else 64
+    if args.nodes is not None:
+        nodes = selected_nodes(inventory, args.nodes)
+        outside = [node.name for node in nodes if node not in job_nodes]
+        if record is not None and outside:
+            raise UsageError(
+                f"--nodes: job {args.job_id} ran on {', '.join(record.nodes)}, not on "
+                f"{', '.join(outside)}"
+            )
+    else:
+        nodes = job_nodes
+    workdir = inventory.defaults.workdir
+    with NodeSet(inventory, nodes, ssh_options(args, record)) as shells:
+        report = collect_stacks(
+            args.job_id,
+            shells,
+            workdir,
+            list(nodes),
+            timeout=args.timeout,
+            ranks_per_node=ranks_per_node,
+        )
+    answers = report.node_answers.values()
+    if len(answers) == len(nodes) and all(answer.get("state") == "unknown" for answer in answers):
+        print(
+            f"ugro-launch: no job {args.job_id!r} on {', '.join(n.name for n in nodes)}: "
+            f"looked in {workdir}/jobs/{args.job_id}/<node> on each",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(format_report(report))
+    return 0 if report.complete else 1
 
 
 def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:

@@ -7,7 +7,8 @@ for the job's state. When every node's torchrun exited 0, it removes the job's P
 targets: a job that finished normally leaves nothing to alert on. When a node fails (non-zero
 exit, or its processes vanished), it stops the job on the other nodes, whose ranks would
 otherwise hang in a collective, and leaves the targets in place, so the dead ranks raise
-``TrainingRanksDown`` until ``ugro-launch stop`` clears them.
+``TrainingRanksDown`` until ``ugro-launch stop`` clears them. While the job runs, it also takes
+one stack dump of every rank when Prometheus says the job stalled (see stall_dumps.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .inventory import InventoryError
 from .launch import node_statuses, plan_from_record, replace_state, stop_nodes, targets_for
 from .nodes import NodeSet
 from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
+from .stall_dumps import StallDumper
 
 log = logging.getLogger("ugro.launcher.follower")
 ENDED_BADLY = {"failed", "lost", "unknown"}
@@ -39,6 +41,7 @@ def follow(
     record = records.load_record(job_id)
     reachable_at = time.monotonic()
     plan = plan_from_record(record)  # where it was launched, whatever the inventory says now
+    dumper = StallDumper(plan)
     with NodeSet(plan.inventory, plan.nodes, options) as nodes:
         while True:
             record = records.load_record(job_id)
@@ -78,6 +81,11 @@ def follow(
                 return records.LOST
             if states != record.node_states:
                 replace_state(record, node_states=states)
+            if all(state == "running" for state in names.values()):
+                try:
+                    dumper.check(nodes)
+                except Exception:  # a dump is a help; following the job is the watcher's job
+                    log.exception("job %s: no stack dump", job_id)
             time.sleep(poll_seconds)
 
 

@@ -141,7 +141,11 @@ def preflight_table(results: dict[str, dict[str, Any] | Exception], nodes: list[
                 "FAILED" if result.get("problems") else "ok",
                 "-" if result.get("gpus") is None else str(result["gpus"]),
                 "-" if free is None else f"{free / 1024**3:.1f} GB",
-                "; ".join(result.get("problems") or []) or f"torch {result.get('torch_version')}",
+                "; ".join(
+                    (result.get("problems") or [f"torch {result.get('torch_version')}"])
+                    # Said, not failed: the node trains; only what the warning names is off.
+                    + [f"warning: {warning}" for warning in result.get("warnings") or []]
+                ),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

@@ -55,3 +55,32 @@ def test_scrape_jobs_and_throttle_reasons_are_written_only_in_the_catalogue():
         for match in literal.finditer(path.read_text())
     ]
     assert offenders == []
+
+
+def test_every_phase_counts_in_exactly_one_goodput_category():
+    from ugro.catalogue import goodput
+    from ugro.common import phases
+
+    counted = [phase for members in goodput.PHASES_OF.values() for phase in members]
+    assert sorted(counted) == sorted(phases.PHASES)
+    assert set(goodput.CATEGORIES) == set(goodput.PHASES_OF) | set(goodput.DERIVED)
+    assert goodput.PHASES_OF[goodput.PRODUCTIVE] == phases.PRODUCTIVE
+    assert goodput.category_of(phases.FORWARD) == goodput.PRODUCTIVE
+    assert goodput.category_of(phases.STARTUP) == goodput.STARTUP
+
+
+def test_the_progress_score_places_each_phase_where_phases_py_does():
+    """The score's PromQL is generated from PROGRESS_ORDER: each phase appears once, with its
+    place as the value added."""
+    from ugro.catalogue.recording import PHASE_RULES
+    from ugro.common.phases import PROGRESS_ORDER
+
+    [score] = [r for r in PHASE_RULES.rules if r.name == "job_rank:ugro_train_progress:score"]
+    found = {}
+    for members, place in re.findall(
+        r'ugro_train_phase\{phase=~"([a-z|]+)"\} \+ (\d+)', score.expr
+    ):
+        for phase in members.split("|"):
+            assert phase not in found
+            found[phase] = int(place)
+    assert found == PROGRESS_ORDER

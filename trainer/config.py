@@ -11,7 +11,9 @@ has come yet: a job shorter than Prometheus's first scrape is still seen whole.
 For MFU, ``UGRO_FLOPS_PER_TOKEN`` or ``UGRO_FLOPS_PER_SAMPLE`` gives the model's training FLOPs
 per token or per sample (one of the two), ``UGRO_PEAK_FLOPS`` the device's peak FLOP/s when the
 built-in table (``ugro.trainer.flops``) does not know it, and ``UGRO_TRAIN_DTYPE`` (bf16 by
-default; fp16, tf32, fp32) which of the table's peaks applies. Every bad value is
+default; fp16, tf32, fp32) which of the table's peaks applies. torchrun's
+``TORCHELASTIC_RESTART_COUNT`` says how often it had restarted the workers before this one
+started (``ugro_train_restart_count``). Every bad value is
 rejected here, before the first training step, with an error that names the variable and what
 was expected.
 """
@@ -74,6 +76,8 @@ class TelemetryConfig:
     flops_per_sample: float | None = None
     peak_flops: float | None = None  # the device's peak FLOP/s, when given rather than looked up
     train_dtype: str = "bf16"  # which peak of the table applies
+    # How often torchrun had restarted the workers before this incarnation started.
+    restart_count: int = 0
 
     @property
     def metrics_port(self) -> int:
@@ -130,6 +134,8 @@ class TelemetryConfig:
             return number
 
         torchrun_default = None if under_torchrun else 0
+        # torchrun sets it in every worker (0 for the first incarnation); unset elsewhere.
+        resolved_restart_count = integer(None, "TORCHELASTIC_RESTART_COUNT", 0, 0)
         resolved_rank = integer(rank, "RANK", torchrun_default, 0)
         resolved_local_rank = integer(local_rank, "LOCAL_RANK", torchrun_default, 0)
         resolved_world_size = integer(world_size, "WORLD_SIZE", None if under_torchrun else 1, 1)
@@ -281,4 +287,5 @@ class TelemetryConfig:
             flops_per_sample=flops[1],
             peak_flops=resolved_peak,
             train_dtype=resolved_dtype,
+            restart_count=resolved_restart_count,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -21,7 +21,13 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
+from ugro.common.phases import STARTUP
+
 from .stats import RankStats
+
+# torchrun's TORCHELASTIC_RESTART_COUNT. Not "ugro_train_restart_count": promtool's lint
+# reserves the _count suffix for histograms and summaries.
+RESTARTS_METRIC = "ugro_train_restarts"
 
 RANK_INFO_LABELS = ("job_id", "rank", "local_rank", "world_size", "node", "gpu_uuid")
 
@@ -68,6 +74,12 @@ class RankSnapshot:
     pending_steps: int
     peak_flops: float | None = None  # the device's peak FLOP/s for the training dtype, if known
     cuda_memory: CudaMemory | None = None  # CUDA ranks only
+    phase: str = STARTUP  # the phase the rank is in now
+    phase_start_time: float = 0.0  # unix time the current phase began
+    # Seconds per phase entered so far, the current one up to the snapshot; startup always.
+    phase_seconds: Mapping[str, float] = field(default_factory=dict)
+    process_start_time: float = 0.0
+    restart_count: int = 0
 
 
 class RankMetricsCollector:
@@ -112,6 +124,65 @@ class RankMetricsCollector:
         except (TypeError, ValueError) as error:
             self._error(error)
             return math.nan
+
+    def _phase_families(self, snap: RankSnapshot) -> Iterator[Metric]:
+        number = self._number
+        phase = GaugeMetricFamily(
+            "ugro_train_phase",
+            "The phase this rank is in now (value 1; the phase label changes as the rank moves).",
+            labels=["phase"],
+        )
+        phase.add_metric([snap.phase], 1.0)
+        yield phase
+        yield GaugeMetricFamily(
+            "ugro_train_phase_start_time_seconds",
+            "Unix time at which the current phase began, in seconds.",
+            value=number(snap.phase_start_time),
+        )
+        seconds = CounterMetricFamily(
+            "ugro_train_phase_seconds",
+            "Seconds this rank's process spent in each phase, the current one up to this scrape; "
+            "the sum over phases is the process's age.",
+            labels=["phase"],
+        )
+        for name, spent in snap.phase_seconds.items():
+            seconds.add_metric([name], number(spent))
+        yield seconds
+        yield GaugeMetricFamily(
+            "ugro_train_process_start_time_seconds",
+            "Unix time at which this rank's process started, in seconds.",
+            value=number(snap.process_start_time),
+        )
+        yield GaugeMetricFamily(
+            RESTARTS_METRIC,
+            "How often torchrun had restarted the workers before this incarnation "
+            "(TORCHELASTIC_RESTART_COUNT; 0 when unset).",
+            value=number(snap.restart_count),
+        )
+
+    def _checkpoint_families(self, stats: RankStats) -> Iterator[Metric]:
+        if stats.last_checkpoint_timestamp is None:
+            return  # no checkpoint completed yet: absent, not 0
+        number = self._number
+        yield CounterMetricFamily(
+            "ugro_train_checkpoints", "Checkpoints completed.", value=number(stats.checkpoints)
+        )
+        yield GaugeMetricFamily(
+            "ugro_train_last_checkpoint_timestamp_seconds",
+            "Unix time at which the last checkpoint completed, in seconds.",
+            value=number(stats.last_checkpoint_timestamp),
+        )
+        yield GaugeMetricFamily(
+            "ugro_train_last_checkpoint_duration_seconds",
+            "How long the last checkpoint took, in seconds.",
+            value=number(stats.last_checkpoint_duration),
+        )
+        if stats.checkpoint_bytes is not None:
+            yield CounterMetricFamily(
+                "ugro_train_checkpoint_bytes",
+                "Bytes written by the checkpoints that reported them.",
+                value=number(stats.checkpoint_bytes),
+            )
 
     def _families(self) -> Iterator[Metric]:
         number = self._number
@@ -178,12 +249,8 @@ class RankMetricsCollector:
             sum_value=number(stats.step_duration.total),
         )
 
-        if stats.data_wait_seconds is not None:
-            yield CounterMetricFamily(
-                "ugro_train_data_wait_seconds",
-                "Time the loop spent waiting for input batches (inside data_wait()), in seconds.",
-                value=number(stats.data_wait_seconds),
-            )
+        yield from self._phase_families(snap)
+        yield from self._checkpoint_families(stats)
 
         if stats.last_step_timestamp is not None:
             yield GaugeMetricFamily(

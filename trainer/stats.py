@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 # Step durations from 3 ms (a small GPU-bound step) to a minute (a large model, many
 # microbatches), about x3 apart: ten bounds, so that with the +Inf bucket, _sum and _count the
-# histogram takes 13 of a rank's 40 series. The exact mean comes from _sum/_count; the buckets
+# histogram takes 13 of a rank's 55 series. The exact mean comes from _sum/_count; the buckets
 # are for quantiles, where a bucket x3 wide is enough to tell a 90th percentile from the mean.
 STEP_DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
     0.003,
@@ -98,10 +98,13 @@ class RankStats:
     learning_rate: float | None = None
     step_duration: DurationHistogram = field(default_factory=DurationHistogram)
     last_step_timestamp: float | None = None
-    data_wait_seconds: float | None = None  # None until the loop times its data loading
     model_flops: float | None = None  # None unless FLOPs per token or per sample are known
     telemetry_errors: int = 0  # rejected values included
     rejected_values: int = 0  # values dropped at the door as invalid
+    checkpoints: int = 0
+    last_checkpoint_timestamp: float | None = None  # None until the first checkpoint completed
+    last_checkpoint_duration: float | None = None
+    checkpoint_bytes: int | None = None  # None until a checkpoint reported the bytes it wrote
 
     def copy(self) -> RankStats:
         return RankStats(
@@ -118,8 +121,11 @@ class RankStats:
                 self.step_duration.count,
             ),
             last_step_timestamp=self.last_step_timestamp,
-            data_wait_seconds=self.data_wait_seconds,
             model_flops=self.model_flops,
             telemetry_errors=self.telemetry_errors,
             rejected_values=self.rejected_values,
+            checkpoints=self.checkpoints,
+            last_checkpoint_timestamp=self.last_checkpoint_timestamp,
+            last_checkpoint_duration=self.last_checkpoint_duration,
+            checkpoint_bytes=self.checkpoint_bytes,
         )

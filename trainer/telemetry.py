@@ -9,11 +9,25 @@ The step path never synchronises with the device and never raises: a failure ins
 is logged, counted in ``ugro_train_telemetry_errors_total`` and swallowed. A value that is not
 valid (a count that is not a whole number in range, a string, a bool) is dropped, logged once per
 field and counted in ``ugro_train_telemetry_rejected_values_total`` as well; the step still counts.
+
+A rank is always in one phase (``ugro.common.phases``): ``startup`` until its first ``step()``
+completes, then ``step``, unless the loop marks a finer one::
+
+    with telemetry.data_wait():          # = telemetry.phase("data")
+        batch = next(loader)
+    with telemetry.phase("forward"):
+        loss = model(batch)
+    with telemetry.checkpoint() as checkpoint:
+        checkpoint.bytes_written = save(model)
+
+A phase switch costs a clock read and a few attribute updates; an unknown phase name is the one
+mistake that raises (``ValueError``, at the call).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import socket
 import sys
@@ -25,6 +39,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ugro.common.messages import shown
+from ugro.common.phases import (
+    BACKWARD,
+    CHECKPOINT,
+    DATA,
+    EVALUATION,
+    FORWARD,
+    OPTIMIZER,
+    PHASES,
+    STARTUP,
+    STEP,
+)
 
 from .config import TelemetryConfig
 from .device_values import (
@@ -54,6 +79,12 @@ _COUNTER_FIELDS = ("tokens", "samples")
 # float64, which device copies and Prometheus hold counts in, no longer represents every integer:
 # larger values are a bug in the loop, and summing them would end in an overflow at scrape time.
 MAX_COUNT_PER_STEP = 2**53
+
+# The parts of a step. Before the first step() completes they count as startup: the first step
+# (lazy initialisation, compilation, the allocator's warm-up, the first collective) is start-up
+# cost, not training progress.
+_STEP_PARTS = frozenset((DATA, STEP, FORWARD, BACKWARD, OPTIMIZER))
+_PHASE_NAMES = frozenset(PHASES)
 
 
 class Telemetry:
@@ -143,6 +174,7 @@ class Telemetry:
         self._cuda_memory_stats = cuda_memory_stats
         self._start_time = time.time()
         self._previous_step_clock: float | None = None
+        self._init_phases()
         self._device_copier = device_copier
         self._device_queue: DeviceValueQueue | None = None
         self._cuda_device_index: int | None = None
@@ -263,6 +295,7 @@ class Telemetry:
             with self._lock:
                 stats = self._stats
                 stats.steps += 1
+                self._show_locked(STEP, now)
                 if self._previous_step_clock is not None:
                     stats.step_duration.observe(now - self._previous_step_clock)
                 self._previous_step_clock = now
@@ -274,18 +307,171 @@ class Telemetry:
         except Exception as error:  # the training loop must never see telemetry fail
             self._record_error("step", error)
 
-    def data_wait(self) -> DataWaitTimer:
+    def data_wait(self) -> PhaseTimer:
         """Time the wait for the next batch: ``with telemetry.data_wait(): batch = next(it)``.
 
-        Under synchronous DDP every rank steps at the pace of the slowest, so step times and
-        throughput look alike on all ranks; the time each rank spends waiting for its own input
-        is what singles out a straggling input pipeline.
+        The same as ``phase("data")``. Under synchronous DDP every rank steps at the pace of the
+        slowest, so step times and throughput look alike on all ranks; the time each rank spends
+        waiting for its own input is what singles out a straggling input pipeline.
         """
-        return DataWaitTimer(self)
+        return PhaseTimer(self, DATA)
 
-    def _add_data_wait(self, seconds: float) -> None:
+    def phase(self, name: str) -> PhaseTimer:
+        """A ``with`` block in phase ``name``; leaving it returns to the phase it was in before.
+
+        Exceptions from the block pass through unchanged. ``name`` must be one of
+        ``ugro.common.phases.PHASES``: anything else raises ``ValueError`` here, at the call.
+        """
+        return PhaseTimer(self, _phase_name(name))
+
+    def mark(self, name: str) -> None:
+        """Enter phase ``name`` without a block, for hooks that only see where a phase begins.
+
+        It lasts until the next mark, phase block or ``step()``. ``ValueError`` for an unknown
+        name; never raises otherwise.
+        """
+        name = _phase_name(name)
+        try:
+            self._enter_phase(name)
+        except Exception as error:  # the training loop must never see telemetry fail
+            self._record_error("phase", error)
+
+    def evaluation(self) -> PhaseTimer:
+        """A ``with`` block in phase ``evaluation``."""
+        return PhaseTimer(self, EVALUATION)
+
+    def checkpoint(self, bytes_written: int | None = None) -> CheckpointTimer:
+        """A ``with`` block that writes a checkpoint, in phase ``checkpoint``.
+
+        When the block ends without an exception it counts one checkpoint, its duration, the
+        time it completed and ``bytes_written`` (give it here, or set ``.bytes_written`` on the
+        object ``with`` returns, once known). A block that raises counts its time in the phase
+        but no checkpoint.
+        """
+        return CheckpointTimer(self, bytes_written)
+
+    def record_checkpoint(self, seconds: float, bytes_written: int | None = None) -> None:
+        """Count a checkpoint that has just completed and took ``seconds``; never raises.
+
+        For frameworks that report a checkpoint only after the fact. The seconds move to the
+        checkpoint phase from the phase the rank is in now, where they were counted; no phase's
+        counter ever goes down, so time a scrape has already taken is moved out of the later
+        growth of that phase instead.
+        """
+        try:
+            duration = _seconds(seconds)
+        except (RejectedValue, ValueTypeError) as error:
+            self._reject("checkpoint_seconds", seconds, error)
+            return
+        except Exception as error:
+            self._record_error("checkpoint", error)
+            return
+        now = time.perf_counter()
+        try:
+            with self._lock:
+                current = self._phase
+                spent = self._raw_phase_seconds(current, now) - self._phase_moved.get(current, 0.0)
+                moved = min(duration, max(spent, 0.0))
+                self._phase_moved[current] = self._phase_moved.get(current, 0.0) + moved
+                self._phase_moved[CHECKPOINT] = self._phase_moved.get(CHECKPOINT, 0.0) - moved
+                self._phase_seconds.setdefault(CHECKPOINT, 0.0)
+                self._count_checkpoint_locked(duration, bytes_written)
+        except Exception as error:
+            self._record_error("checkpoint", error)
+
+    # -- phases --------------------------------------------------------------------------------
+
+    def _init_phases(self) -> None:
+        """Startup began when the process did (else now); its clock is this process's own."""
+        clock, wall = time.perf_counter(), time.time()
+        started = wall
+        try:
+            import psutil
+
+            started = min(psutil.Process().create_time(), wall)
+        except Exception as error:  # no psutil, or no /proc: the rank's telemetry start, then
+            log.info("ugro: process start time unknown (%s); startup counts from now", error)
+        self._process_start_time = started
+        # Unix time = perf_counter() + this: one clock read per switch, none for the wall time.
+        self._wall_offset = wall - clock
+        # The phase counted (its seconds) and the phase shown (ugro_train_phase): they differ
+        # only before the first step, when every part of a step is counted as startup.
+        self._phase = self._shown_phase = STARTUP
+        self._phase_started = self._shown_started = started - self._wall_offset  # perf clock
+        # Seconds of each phase's finished spells; a phase appears once entered.
+        self._phase_seconds: dict[str, float] = {STARTUP: 0.0}
+        # Seconds record_checkpoint() moved out of (positive) or into (negative) each phase.
+        self._phase_moved: dict[str, float] = {}
+        # What the last scrape exposed per phase: a counter never goes below it.
+        self._phase_exposed: dict[str, float] = {}
+
+    def _enter_phase(self, phase: str) -> tuple[str, int, float]:
+        """Switch to ``phase``; the phase left (as shown), the steps so far, and the clock."""
+        now = time.perf_counter()
         with self._lock:
-            self._stats.data_wait_seconds = (self._stats.data_wait_seconds or 0.0) + seconds
+            previous, steps = self._shown_phase, self._stats.steps
+            self._show_locked(phase, now)
+        return previous, steps, now
+
+    def _leave_phase(self, previous: str, steps: int) -> float:
+        """Back to ``previous`` after a block; to ``step`` if a step completed inside it."""
+        now = time.perf_counter()
+        with self._lock:
+            if self._stats.steps != steps:
+                previous = STEP
+            self._show_locked(previous, now)
+        return now
+
+    def _show_locked(self, phase: str, now: float) -> None:
+        """The rank is now doing ``phase``: shown as it is, counted as startup before the first
+        step (the first step's parts are start-up cost). Showing it as it is lets a hang before
+        the first step be placed: the healthy ranks wait in ``backward``, the hung one not."""
+        if phase != self._shown_phase:
+            self._shown_phase, self._shown_started = phase, now
+        self._switch_locked(
+            STARTUP if self._stats.steps == 0 and phase in _STEP_PARTS else phase, now
+        )
+
+    def _switch_locked(self, phase: str, now: float) -> None:
+        """Count time in ``phase`` from ``now`` on."""
+        current = self._phase
+        if phase == current:
+            return
+        seconds = self._phase_seconds
+        seconds[current] = seconds[current] + (now - self._phase_started)
+        if phase not in seconds:
+            seconds[phase] = 0.0
+        self._phase = phase
+        self._phase_started = now
+
+    def _raw_phase_seconds(self, phase: str, now: float) -> float:
+        spent = self._phase_seconds.get(phase, 0.0)
+        if phase == self._phase:
+            spent += now - self._phase_started
+        return spent
+
+    def _phase_snapshot_locked(self, now: float) -> dict[str, float]:
+        """Seconds per phase as a scrape exposes them: monotonic, summing to the process's age
+        (once time moved by record_checkpoint() has been taken out of later growth)."""
+        exposed = {}
+        for phase in self._phase_seconds:
+            spent = self._raw_phase_seconds(phase, now) - self._phase_moved.get(phase, 0.0)
+            exposed[phase] = max(spent, self._phase_exposed.get(phase, 0.0))
+        self._phase_exposed = exposed
+        return dict(exposed)
+
+    def _count_checkpoint_locked(self, seconds: float, bytes_written: Any) -> None:
+        stats = self._stats
+        stats.checkpoints += 1
+        stats.last_checkpoint_timestamp = time.time()
+        stats.last_checkpoint_duration = seconds
+        if bytes_written is not None:
+            try:
+                written = _count("bytes_written", bytes_written)
+            except (RejectedValue, ValueTypeError) as error:
+                self._reject_locked("bytes_written", bytes_written, error)
+                return
+            stats.checkpoint_bytes = (stats.checkpoint_bytes or 0) + written
 
     def close(self) -> None:
         """End the rank's telemetry; safe to repeat.
@@ -479,6 +665,8 @@ class Telemetry:
             gpu_uuid = self._gpu_uuid
             end_time = self._end_time
             peak_flops = self._peak_flops
+            phase, phase_started = self._shown_phase, self._shown_started
+            phase_seconds = self._phase_snapshot_locked(time.perf_counter())
             self._scrape_count += 1
             self._scrape_clocks = [*self._scrape_clocks[-1:], time.monotonic()]
             self._scraped.notify_all()
@@ -499,6 +687,11 @@ class Telemetry:
             pending_steps=pending,
             peak_flops=peak_flops,
             cuda_memory=self._cuda_memory(),
+            phase=phase,
+            phase_start_time=phase_started + self._wall_offset,
+            phase_seconds=phase_seconds,
+            process_start_time=self._process_start_time,
+            restart_count=config.restart_count,
         )
 
     def _cuda_memory(self) -> CudaMemory | None:
@@ -620,20 +813,82 @@ def _count(name: str, value: Any) -> int:
     return count
 
 
-class DataWaitTimer:
-    """Adds the time spent inside its ``with`` block to ``ugro_train_data_wait_seconds_total``.
+def _phase_name(name: Any) -> str:
+    """``name`` if it is a phase; ``ValueError`` otherwise: a mistake in the loop's code, which
+    would otherwise go unseen (and leave the rank's time unaccounted for) for the whole run."""
+    if not isinstance(name, str) or name not in _PHASE_NAMES:
+        raise ValueError(f"unknown phase {name!r}: expected one of {', '.join(PHASES)}")
+    return name
 
-    Exceptions from the block (a ``StopIteration`` from the loader, say) pass through unchanged.
-    """
 
-    __slots__ = ("_started", "_telemetry")
+def _seconds(value: Any) -> float:
+    """A duration in seconds: a finite number >= 0."""
+    if isinstance(value, (str, bytes, bytearray)) or _is_bool(value):
+        raise RejectedValue("expected seconds as a number")
+    seconds = host_float("seconds", value)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise RejectedValue("expected a finite number of seconds >= 0")
+    return seconds
 
-    def __init__(self, telemetry: Telemetry) -> None:
+
+class PhaseTimer:
+    """A ``with`` block in one phase; leaving it returns to the phase the rank was in before
+    (to ``step`` when a step completed inside it). Exceptions from the block pass through."""
+
+    __slots__ = ("_phase", "_previous", "_steps", "_telemetry")
+
+    def __init__(self, telemetry: Telemetry, phase: str) -> None:
         self._telemetry = telemetry
-        self._started = 0.0
+        self._phase = phase
+        self._previous: str | None = None
+        self._steps = 0
 
-    def __enter__(self) -> None:
-        self._started = time.perf_counter()
+    def __enter__(self) -> PhaseTimer:
+        try:
+            self._previous, self._steps, _ = self._telemetry._enter_phase(self._phase)
+        except Exception as error:  # the training loop must never see telemetry fail
+            self._telemetry._record_error("phase", error)
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._telemetry._add_data_wait(time.perf_counter() - self._started)
+        if self._previous is None:
+            return
+        try:
+            self._telemetry._leave_phase(self._previous, self._steps)
+        except Exception as error:
+            self._telemetry._record_error("phase", error)
+
+
+class CheckpointTimer:
+    """A ``with`` block in phase ``checkpoint`` that counts one checkpoint when it ends normally.
+
+    Set ``bytes_written`` inside the block once the size is known.
+    """
+
+    __slots__ = ("_previous", "_started", "_steps", "_telemetry", "bytes_written")
+
+    def __init__(self, telemetry: Telemetry, bytes_written: int | None = None) -> None:
+        self._telemetry = telemetry
+        self.bytes_written = bytes_written
+        self._previous: str | None = None
+        self._steps = 0
+        self._started = 0.0
+
+    def __enter__(self) -> CheckpointTimer:
+        try:
+            self._previous, self._steps, self._started = self._telemetry._enter_phase(CHECKPOINT)
+        except Exception as error:  # the training loop must never see telemetry fail
+            self._telemetry._record_error("checkpoint", error)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if self._previous is None:
+            return
+        telemetry = self._telemetry
+        try:
+            ended = telemetry._leave_phase(self._previous, self._steps)
+            if exc_type is None:
+                with telemetry._lock:
+                    telemetry._count_checkpoint_locked(ended - self._started, self.bytes_written)
+        except Exception as error:
+            telemetry._record_error("checkpoint", error)

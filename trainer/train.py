@@ -4,8 +4,13 @@
 
 It trains on the Python standard library's source (offline on any machine) with AdamW, a warm-up
 plus cosine learning-rate schedule and gradient clipping, using gloo on CPU and NCCL on CUDA.
-The lines marked ``ugro`` below are all the telemetry takes. Fault flags make one rank diverge,
-straggle, hang or crash, for demos and alert tests.
+The lines marked ``ugro`` below are all the telemetry takes: one ``step()`` call per step, and
+optionally the phases (data, forward, backward, optimizer, evaluation, checkpoint) each part of
+the loop is in. ``--checkpoint-every`` and ``--eval-every`` add periodic checkpoints (rank 0
+writes, the others wait in a barrier, as in real DDP jobs) and evaluations; the ``--*-delay``
+flags inject known waits, for exact goodput tests. Fault flags make one rank diverge, straggle,
+hang (before its first step, in its input pipeline, or in its forward pass) or crash, for demos
+and alert tests.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -74,6 +80,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the device's peak FLOP/s for MFU, where ugro's table does not know it (a CPU, "
         "a GPU not listed); default UGRO_PEAK_FLOPS, else the table",
     )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a checkpoint every N steps (0, the default: never); rank 0 writes model and "
+        "optimizer with torch.save, the other ranks wait for it in a barrier",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="where rank 0 writes checkpoint.pt (default: a temporary directory, removed at the "
+        "end)",
+    )
+    parser.add_argument(
+        "--checkpoint-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="extra sleep inside every checkpoint, on every rank (for tests)",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps (0: never)"
+    )
+    parser.add_argument(
+        "--eval-batches", type=int, default=2, metavar="K", help="batches per evaluation"
+    )
+    parser.add_argument(
+        "--eval-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="extra sleep inside every evaluation, on every rank (for tests)",
+    )
+    parser.add_argument(
+        "--data-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="extra sleep inside every wait for a batch, on every rank (for tests)",
+    )
     faults = parser.add_argument_group("fault injection (one rank)")
     faults.add_argument("--fault-rank", type=int, default=0, help="the rank faults hit")
     faults.add_argument("--nonfinite-loss-from", type=int, metavar="STEP")
@@ -90,7 +137,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the rank's input pipeline stalls so that its step's work takes F× as long",
     )
     faults.add_argument("--slow-from", type=int, default=1, metavar="STEP")
-    faults.add_argument("--hang-at", type=int, metavar="STEP")
+    faults.add_argument(
+        "--hang-at", type=int, metavar="STEP", help="hang inside the forward pass of STEP"
+    )
+    faults.add_argument(
+        "--hang-in-data-at",
+        type=int,
+        metavar="STEP",
+        help="hang inside the wait for STEP's batch (a stuck input pipeline)",
+    )
+    faults.add_argument(
+        "--hang-before-first-step",
+        action="store_true",
+        help="serve metrics but never complete a step (a rank stuck starting up)",
+    )
     faults.add_argument("--crash-at", type=int, metavar="STEP")
     faults.add_argument("--crash-exit-code", type=int, default=3)
     args = parser.parse_args(argv)
@@ -100,6 +160,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     if min(args.linger, args.start_delay, args.warmup_steps) < 0 or args.lr <= 0 or args.clip <= 0:
         parser.error("--linger, --start-delay, --warmup-steps must be >= 0 and --lr, --clip > 0")
+    for name in ("checkpoint_every", "eval_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 0")
+    if args.eval_batches < 1:
+        parser.error(f"--eval-batches {args.eval_batches}: expected >= 1")
+    for name in ("checkpoint_delay", "eval_delay", "data_delay"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected seconds >= 0")
     try:
         args.faults = FaultPlan(
             rank=args.fault_rank,
@@ -108,6 +176,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             slow_factor=args.slow_factor,
             slow_from=args.slow_from,
             hang_at=args.hang_at,
+            hang_in_data_at=args.hang_in_data_at,
+            hang_before_first_step=args.hang_before_first_step,
             crash_at=args.crash_at,
             crash_exit_code=args.crash_exit_code,
         )
@@ -206,21 +276,27 @@ def train(
         optimizer, warmup_cosine(args.warmup_steps, args.steps)
     )
     batches = RandomWindows(corpus, args.context, args.batch_size, seed=args.seed + 1000 * rank)
+    eval_batches = RandomWindows(corpus, args.context, args.batch_size, seed=args.seed + 1 + rank)
     faults: FaultPlan = args.faults
+    checkpoints = CheckpointWriter(args.checkpoint_dir, rank, distributed)
 
     started = time.perf_counter()
     compute_estimate = 0.0  # forward + backward of the previous step, from its forward time
+    faults.before_training(rank)
     for step in range(1, args.steps + 1):
         faults.before_step(step, rank)
         with telemetry.data_wait():  # ugro (optional): what singles out a slow input pipeline
+            faults.in_data_wait(step, rank)
             inputs, targets = batches.next()
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
-            delay = faults.delay_seconds(step, rank, compute_estimate)
+            delay = args.data_delay + faults.delay_seconds(step, rank, compute_estimate)
             if delay:
                 time.sleep(delay)  # a straggling input pipeline; the other ranks wait in DDP
 
         forward_started = time.perf_counter()
-        loss = trained(inputs, targets)
+        with telemetry.phase("forward"):  # ugro (optional), as are the phases below
+            faults.in_forward(step, rank)
+            loss = trained(inputs, targets)
         compute_estimate = 3 * (time.perf_counter() - forward_started)
         if faults.poisons_loss(step, rank):
             if not faults.poisons_loss(step - 1, rank):
@@ -234,11 +310,13 @@ def train(
             loss = loss * float("nan")
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        discard_nonfinite_gradients(model)
-        optimizer.step()
-        schedule.step()
+        with telemetry.phase("backward"):  # DDP's gradient all-reduce runs in here
+            loss.backward()
+        with telemetry.phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            discard_nonfinite_gradients(model)
+            optimizer.step()
+            schedule.step()
         # ugro: one call per optimizer step; tensors stay on the device, nothing syncs.
         telemetry.step(
             loss=loss.detach(),
@@ -251,8 +329,77 @@ def train(
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
             elapsed = time.perf_counter() - started
             print(progress_line(step, args.steps, telemetry, elapsed), flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            with telemetry.evaluation():  # ugro (optional)
+                eval_loss = evaluate(model, eval_batches, args.eval_batches, device)
+                time.sleep(args.eval_delay)
+            if rank == 0:
+                print(f"step {step}: eval loss {eval_loss:.4f}", flush=True)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            with telemetry.checkpoint() as checkpoint:  # ugro (optional)
+                time.sleep(args.checkpoint_delay)
+                checkpoint.bytes_written = checkpoints.write(model, optimizer, step)
+    checkpoints.close()
     if args.linger:
         time.sleep(args.linger)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: RandomWindows, count: int, device: torch.device
+) -> float:
+    """Mean loss over ``count`` held-out batches, on this rank alone (no collective)."""
+    model.eval()
+    try:
+        total = torch.zeros((), device=device)
+        for _ in range(count):
+            inputs, targets = batches.next()
+            total += model(inputs.to(device), targets.to(device))
+        return total.item() / count
+    finally:
+        model.train()
+
+
+class CheckpointWriter:
+    """Rank 0 writes model and optimizer with ``torch.save``; every rank then meets the others
+    in a barrier, so that no rank trains on while the checkpoint is incomplete (as DDP jobs do).
+    """
+
+    def __init__(self, directory: str | None, rank: int, distributed: bool) -> None:
+        self.rank = rank
+        self.distributed = distributed
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        self._directory = directory
+
+    def _path(self) -> str:
+        if self._directory is None:  # created on first use: only rank 0 writes
+            self._temporary = tempfile.TemporaryDirectory(
+                prefix=f"ugro-checkpoint-rank{self.rank}-"
+            )
+            self._directory = self._temporary.name
+        return os.path.join(self._directory, "checkpoint.pt")
+
+    def write(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
+    ) -> int | None:
+        """The bytes written (None on the ranks that only wait)."""
+        written = None
+        if self.rank == 0:
+            path = self._path()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.partial"
+            state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            torch.save(state, partial)
+            os.replace(partial, path)  # a crash mid-write leaves the previous checkpoint whole
+            written = os.path.getsize(path)
+        if self.distributed:
+            dist.barrier()
+        return written
+
+    def close(self) -> None:
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
 
 
 def progress_line(step: int, steps: int, telemetry: Telemetry, elapsed: float) -> str:

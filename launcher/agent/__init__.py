@@ -5,6 +5,7 @@
     <python> -m ugro.launcher.agent stop-exporter --node NAME --workdir W
     <python> -m ugro.launcher.agent start --job-id J --node NAME --workdir W [--env K=V] -- ARGV...
     <python> -m ugro.launcher.agent status|stop|logs --job-id J --node NAME --workdir W
+    <python> -m ugro.launcher.agent stacks --job-id J --node NAME --workdir W [--timeout S]
 
 Each verb except ``logs`` prints one JSON object on one line and exits 0, also when it reports
 a problem: problems are data for the launcher. A usage error exits 2, anything unexpected 1,
@@ -21,7 +22,8 @@ See :mod:`ugro.launcher.jobfiles` for the files of a job.
 
 Modules: ``cli`` (arguments, one verb, one JSON line), ``preflight``, ``exporter``
 (``ensure-exporter``, ``stop-exporter``), ``start`` (``start``, ``supervise``), ``status``
-(``status``, ``stop``), ``logs``, and ``base``, what they share. ``__main__`` only runs
+(``status``, ``stop``), ``logs``, ``stacks`` (py-spy dumps of the job's ranks, and the check
+that preflight runs for it), and ``base``, what they share. ``__main__`` only runs
 ``cli.main``.
 """
 
@@ -29,12 +31,14 @@ from ..jobfiles import job_dir
 from .cli import main
 from .exporter import ensure_exporter, stop_exporter
 from .preflight import preflight
+from .stacks import job_stacks
 from .start import start_job, supervise
 from .status import job_status, stop_job
 
 __all__ = [
     "ensure_exporter",
     "job_dir",
+    "job_stacks",
     "job_status",
     "main",
     "preflight",

@@ -20,6 +20,7 @@ from .base import EXIT_ERROR, EXIT_USAGE, PROG, describe_os_error
 from .exporter import ensure_exporter, stop_exporter
 from .logs import show_logs
 from .preflight import preflight
+from .stacks import job_stacks
 from .start import start_job, supervise
 from .status import job_status, stop_job
 
@@ -71,6 +72,13 @@ def _seconds(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
     if not 0 <= seconds <= 3600:
         raise argparse.ArgumentTypeError(f"{value!r}: expected 0 to 3600 seconds")
+    return seconds
+
+
+def _dump_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if not 1 <= seconds <= 300:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected 1 to 300 seconds")
     return seconds
 
 
@@ -130,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verbs.add_parser("stop", help="SIGTERM the job's process group, SIGKILL after grace")
     job_options(sub)
     sub.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS")
+
+    sub = verbs.add_parser("stacks", help="py-spy dump of each of the job's ranks here")
+    job_options(sub)
+    sub.add_argument(
+        "--timeout", type=_dump_seconds, default=10.0, metavar="SECONDS", help="per rank"
+    )
 
     sub = verbs.add_parser("logs", help="print the tail of the job's output (raw text)")
     job_options(sub)
@@ -203,4 +217,6 @@ def _run_verb(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
         return job_status(directory)
     if args.verb == "stop":
         return stop_job(directory, args.grace)
+    if args.verb == "stacks":
+        return job_stacks(directory, args.timeout)
     raise AssertionError(f"unhandled verb {args.verb}")

@@ -1,4 +1,8 @@
-"""``preflight``: can this node run a job? Facts, and the problems found, as sentences."""
+"""``preflight``: can this node run a job? Facts, and the problems found, as sentences.
+
+``problems`` stop a launch; ``warnings`` do not (a node where py-spy cannot attach still
+trains, only ``ugro-launch stacks`` cannot dump its ranks).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 from .. import jobfiles
 from ..jobfiles import UnsafePath
 from .base import bind_error
+from .stacks import attach_problem
 
 
 def preflight(
@@ -27,8 +32,10 @@ def preflight(
     bind_address: str = "0.0.0.0",
     chdir: str | None = None,
 ) -> dict[str, Any]:
-    """Can this node run a job? Facts, and ``problems``: sentences, empty when all is well."""
+    """Can this node run a job? Facts, ``problems`` (sentences, empty when all is well) and
+    ``warnings`` (sentences about what will not work here, which do not stop a launch)."""
     problems: list[str] = []
+    warnings: list[str] = []
     if chdir is not None and not os.path.isdir(os.path.expanduser(chdir)):
         problems.append(f"the job's directory {chdir} (chdir) does not exist here")
     directory = pathlib.Path(workdir).expanduser()
@@ -73,6 +80,10 @@ def preflight(
             f"only {_gib(free_bytes)} GiB free in {directory} (need {_gib(min_free_bytes)} GiB)"
         )
 
+    stacks_problem = attach_problem()
+    if stacks_problem is not None:
+        warnings.append(stacks_problem)
+
     return {
         "hostname": socket.gethostname(),
         "python": sys.executable,
@@ -84,6 +95,7 @@ def preflight(
         "workdir": str(directory),
         "workdir_free_bytes": free_bytes,
         "problems": problems,
+        "warnings": warnings,
     }
 
 

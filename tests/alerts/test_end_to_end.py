@@ -45,20 +45,6 @@ def exporter(stack):
         yield process
 
 
-@pytest.fixture
-def jobs(stack):
-    started: list[TrainingJob] = []
-
-    def start(job_id: str, *trainer_args: str) -> TrainingJob:
-        job = TrainingJob(stack, job_id, [*SMALL_MODEL, *trainer_args])
-        started.append(job)
-        return job
-
-    yield start
-    for job in started:
-        job.stop()
-
-
 def ranks_up(stack: AlertStack, job_id: str) -> int:
     return len(stack.query(f'up{{job="ugro-ranks",job_id="{job_id}"}} == 1'))
 

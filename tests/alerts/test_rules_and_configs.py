@@ -28,7 +28,7 @@ import yaml
 
 from ugro.alerts import __main__ as alerts_cli
 from ugro.alerts.rules_file import render
-from ugro.catalogue.conditions import STRAGGLER
+from ugro.catalogue.conditions import CHECKPOINT_OVERDUE, STRAGGLER
 from ugro.catalogue.thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -372,6 +372,7 @@ def test_inhibit_rules_reach_the_intended_targets(inhibit_rules: list[dict[str, 
     assert out_of_reach == [
         ["TrainingRanksDown", "TrainingThroughputDrop"],
         [],
+        [],
         sorted(warnings - paired),
     ]
 
@@ -396,6 +397,22 @@ def test_a_crashed_job_silences_its_own_follow_on_alerts_only(
         assert not inhibited(inhibit_rules, crashed, example(target, job_id="bert-ft")), target
     nonfinite = example("TrainingNonFiniteValues", job_id="llm-7b")
     assert not inhibited(inhibit_rules, crashed, nonfinite)
+
+
+def test_a_hung_rank_silences_its_own_jobs_stall_alerts_only(
+    inhibit_rules: list[dict[str, Any]],
+) -> None:
+    """One page names the rank a stalled job waits for; the other ranks' stall alerts, which
+    say nothing more, are silenced. Another job's stall still pages."""
+    hung = example("TrainingHungRank", job_id="llm-7b")
+    for rank, node in (("0", "node-a"), ("1", "node-b")):
+        stalled = example("TrainingStalled", job_id="llm-7b", rank=rank, node=node)
+        assert inhibited(inhibit_rules, hung, stalled)
+    assert not inhibited(inhibit_rules, hung, example("TrainingStalled", job_id="bert-ft"))
+    assert not inhibited(inhibit_rules, example("TrainingStalled", job_id="llm-7b"), hung)
+    # A crashed job's hung-rank alert would only repeat the crash.
+    crashed = example("TrainingRanksDown", job_id="llm-7b")
+    assert inhibited(inhibit_rules, crashed, hung)
 
 
 @pytest.mark.parametrize("alertname", ["GpuTemperatureHigh", "NodeDiskAlmostFull"])
@@ -464,6 +481,63 @@ def test_every_alert_is_a_condition_held_for_a_while() -> None:
         assert rule["expr"] in recorded, f"{rule['alert']}: {rule['expr']!r} is not a series"
     conditions = [rule["expr"] for rule in condition_rules()]
     assert len(conditions) == len(set(conditions)), "a condition is written twice"
+
+
+CHECKPOINT_OVERRIDES = {
+    "training.checkpoint_max_age_seconds": 600,
+    "training.checkpoint_overdue_for": "1m",
+}
+OVERRIDE_TESTS = ROOT / "alerts" / "tests" / "overrides"
+
+
+def test_the_checkpoint_alert_is_off_unless_a_maximum_age_is_set() -> None:
+    default = yaml.safe_load(render())
+    names = {r.get("alert") or r.get("record") for g in default["groups"] for r in g["rules"]}
+    assert "TrainingCheckpointOverdue" not in names
+    assert CHECKPOINT_OVERDUE not in names
+    changed = render(**CHECKPOINT_OVERRIDES)
+    condition = rule_named(changed, CHECKPOINT_OVERDUE)
+    assert "> 600" in condition["expr"]
+    alert = rule_named(changed, "TrainingCheckpointOverdue")
+    assert (alert["expr"], alert["for"]) == (CHECKPOINT_OVERDUE, "1m")
+    assert alert["labels"] == {"severity": "warning"}
+    assert "(limit 600 s)" in alert["annotations"]["description"]
+
+
+def test_the_checkpoint_alert_passes_its_promtool_cases_when_on(
+    promtool_path: str, tmp_path: pathlib.Path
+) -> None:
+    """alerts/tests/overrides/ holds cases for rules rendered with overrides: beside them, the
+    recording rules and the alert rules as those overrides make them."""
+    test_file = OVERRIDE_TESTS / "checkpoint_overdue.test.yml"
+    shutil.copy(test_file, tmp_path / test_file.name)
+    shutil.copy(RECORDING_RULES, tmp_path / "recording.yml")
+    (tmp_path / "rules.yml").write_text(render(**CHECKPOINT_OVERRIDES))
+    content = load(test_file)
+    assert content["rule_files"] == ["recording.yml", "rules.yml"]
+    groups = [g["name"] for path in (RECORDING_RULES, ALERT_RULES) for g in rule_groups(path)]
+    assert sorted(content["group_eval_order"]) == sorted(groups)
+    cases = [c for group in content["tests"] for c in group["alert_rule_test"]]
+    assert {c["alertname"] for c in cases} == {"TrainingCheckpointOverdue"}
+    assert any(not c["exp_alerts"] for c in cases) and any(c["exp_alerts"] for c in cases)
+    result = run([promtool_path, "test", "rules", test_file.name], cwd=tmp_path)
+    assert result.returncode == 0, shown(result)
+
+
+def test_the_hung_rank_alert_waits_as_long_as_the_stall_alert_unless_told() -> None:
+    default = render(**{"training.stall_for": "3m"})
+    assert rule_named(default, "TrainingHungRank")["for"] == "3m"
+    own = render(**{"training.stall_for": "3m", "training.hung_rank_for": "30s"})
+    assert rule_named(own, "TrainingHungRank")["for"] == "30s"
+    assert rule_named(own, "TrainingStalled")["for"] == "3m"
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    runbook = (ROOT / "alerts" / "runbook.md").read_text()
+    sections = set(re.findall(r"^### (\w+)$", runbook, re.MULTILINE))
+    rendered = yaml.safe_load(render(**CHECKPOINT_OVERRIDES))  # every alert generated
+    names = {r["alert"] for g in rendered["groups"] for r in g["rules"] if "alert" in r}
+    assert sorted(names - sections) == []
 
 
 def test_an_unknown_override_is_refused() -> None:
@@ -543,6 +617,15 @@ BAD_RUNBOOK_URLS = [
             "nonfinite_for, nonfinite_window, loss_spike_factor",
         ),
         (lambda data: data["gpu"].pop("lost_for"), "gpu", "missing field(s) lost_for"),
+        # Only a few fields may be null (a default taken from another, or a feature off).
+        (_set("training", "not_started_for", None), "training.not_started_for", "duration"),
+        (_set("training", "stall_min_seconds", None), "training.stall_min_seconds", ">= 0"),
+        (_set("training", "hung_rank_for", "soon"), "training.hung_rank_for", "duration"),
+        (
+            _set("training", "checkpoint_max_age_seconds", -1),
+            "training.checkpoint_max_age_seconds",
+            ">= 0",
+        ),
         # `> nan` and `> inf` pass promtool and never fire.
         (_set("training", "loss_ceiling", float("nan")), "training.loss_ceiling", "finite"),
         (

@@ -407,7 +407,7 @@ def test_slow_input_shows_as_data_wait_and_lowers_efficiency(gpu_report, runs):
     truth = runs[GPU_JOB].ranks
     ranks = {r["rank"]: r for r in gpu_report["ranks"]}
     for rank, own in truth.items():
-        expected = own.value("ugro_train_data_wait_seconds_total") / own.value(
+        expected = sample(own.final, "ugro_train_phase_seconds_total", phase="data") / own.value(
             "ugro_train_step_duration_seconds_sum"
         )
         assert ranks[rank]["data_wait_share"] == pytest.approx(expected, rel=1e-9)
@@ -440,7 +440,8 @@ def test_json_is_one_object_with_stable_keys_and_typed_values(gpu_report, cpu_re
     for document in (gpu_report, cpu_report):
         assert list(document) == [
             "job_id", "prometheus", "status", "time", "world_size", "nodes", "work",
-            "throughput", "loss", "gpu", "efficiency", "ranks", "alerts",
+            "throughput", "loss", "gpu", "efficiency", "goodput", "checkpoints", "ranks",
+            "alerts",
         ]  # fmt: skip
         assert list(document["loss"]) == ["initial", "final", "best", "mean", "reduction_percent"]
         for group in ("time", "work", "throughput", "loss"):
@@ -484,7 +485,7 @@ def test_text_report_is_plain_and_names_the_figures(stack, runs, gpu_report, cap
     assert all(len(line) <= report.PLAIN_WIDTH for line in out.splitlines())
     assert out.startswith(f"Job {GPU_JOB}: finished, {GPU_STEPS} of {GPU_STEPS} steps\n")
     for heading in ("Run", "Throughput", "Loss (mean of the ranks)", "GPUs", "Efficiency",
-                    "Ranks", "Alerts fired"):  # fmt: skip
+                    "Where the time went", "Checkpoints", "Ranks", "Alerts fired"):  # fmt: skip
         assert f"\n{heading}\n" in out
     loss = gpu_report["loss"]
     assert re.search(rf"tokens +{2 * GPU_STEPS * GPU_BATCH * CONTEXT:,}\n", out)

@@ -242,7 +242,14 @@ def test_the_training_dashboard_marks_the_jobs_alerts_on_the_time_axis():
 def test_the_training_dashboard_has_the_rows_users_look_for():
     dashboard = load(ROOT / "grafana" / "dashboards" / "ugro-training.json")
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == ["Overview", "Training", "GPUs of the job", "Efficiency", "Alerts"]
+    assert rows == [
+        "Overview",
+        "Training",
+        "Where the time went",
+        "GPUs of the job",
+        "Efficiency",
+        "Alerts",
+    ]
     titles = {panel["title"] for panel in panels(dashboard)}
     assert {
         "World size",
@@ -257,6 +264,12 @@ def test_the_training_dashboard_has_the_rows_users_look_for():
         "Throughput per rank",
         "Step time",
         "Straggler score",
+        "Where the time went",
+        "Phase per rank",
+        "Goodput (5m)",
+        "Checkpoints",
+        "Last checkpoint",
+        "Last checkpoint took",
         "GPU utilisation",
         "GPU memory",
         "GPU temperature",
@@ -269,3 +282,19 @@ def test_the_training_dashboard_has_the_rows_users_look_for():
         "NVLink and PCIe",
         "Firing alerts",
     } <= titles
+
+
+def test_the_phase_panels_know_every_phase():
+    """The per-rank phase timeline names each phase code its query can produce, and the
+    time-went panel reads the job's phase shares, whose phases come from ugro.common.phases."""
+    from ugro.common.phases import PHASES
+
+    dashboard = load(ROOT / "grafana" / "dashboards" / "ugro-training.json")
+    [timeline] = [panel for panel in panels(dashboard) if panel["title"] == "Phase per rank"]
+    [mapping] = timeline["fieldConfig"]["defaults"]["mappings"]
+    assert {code: m["text"] for code, m in mapping["options"].items()} == {
+        str(code): phase for code, phase in enumerate(PHASES)
+    }
+    expr = timeline["targets"][0]["expr"]
+    missing = [p for c, p in enumerate(PHASES) if f'phase="{p}"}} + {c}' not in expr]
+    assert missing == []

@@ -4,7 +4,8 @@ No Grafana server can run here, so the dashboards are proven where they can brea
 PromQL. One short real run feeds a real Prometheus (the project's configuration and recording
 rules, 1 s intervals): the reference trainer on 2 CPU ranks under torchrun, each rank told its
 GPU's UUID, and ugro-exporter with its scripted two-GPU NVML double. Rank 1's input pipeline is
-slowed and GPU 0 reports an XID, so the alert panels have something to show. Each target's
+slowed and GPU 0 reports an XID, so the alert panels have something to show; the ranks
+checkpoint every 50 steps, so the checkpoint panels do. Each target's
 expression, with the dashboard variables replaced by values from that run and
 ``$__rate_interval`` by a concrete window, then goes through Prometheus's HTTP API the way
 Grafana sends it (range queries over the run, instant queries at its end) and must return at
@@ -79,6 +80,9 @@ def run(tmp_path_factory):
                     "--slow-factor=4",
                     "--peak-flops",
                     "1e12",
+                    # Checkpoints for the "Where the time went" row's checkpoint panels.
+                    "--checkpoint-every",
+                    "50",
                 ],
                 node=NODE,
             )
@@ -105,6 +109,11 @@ def run(tmp_path_factory):
                 lambda: firing_alerts(stack, alertname="GpuXidError", node=NODE),
                 60,
                 "the XID alert firing",
+            )
+            wait_for(
+                lambda: stack.query(f'ugro_train_checkpoints_total{{job_id="{JOB_ID}"}}'),
+                60,
+                "a checkpoint",
             )
         except BaseException:
             for log in sorted(workdir.rglob("*.log")):

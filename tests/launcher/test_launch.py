@@ -71,7 +71,7 @@ class Launcher:
             head, tail = verb_args[:split], verb_args[split:]
         else:
             head, tail = verb_args, []
-        if head and head[0] in ("status", "stop", "logs"):
+        if head and head[0] in ("status", "stop", "logs", "stacks"):
             head += [f"--known-hosts={self.known_hosts}"]
         return subprocess.run(
             [*LAUNCH, *head, *tail],

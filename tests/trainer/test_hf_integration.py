@@ -5,8 +5,9 @@ padding, nothing downloaded) runs under ``torchrun --nproc-per-node 2`` on CPU (
 the real Prometheus and Alertmanager of ``AlertStack`` (1 s intervals):
 
 * ``hf-done``: 24 optimizer steps of 2 micro-batches of 4 sequences per rank, HF logging every
-  4 steps; what Prometheus holds, the recording rules and ``ugro report`` are checked against the
-  generated data and against the Trainer's own log lines.
+  4 steps, evaluating and saving a checkpoint every 8; what Prometheus holds, the recording rules
+  and ``ugro report`` are checked against the generated data, the Trainer's own log lines and the
+  checkpoints on disk.
 * ``hf-nan``: rank 1's loss is NaN for three steps (its gradients stay finite); the
   non-finite alert reaches the Slack recorder naming rank 1.
 """
@@ -37,6 +38,7 @@ from ugro.launcher.targets import RankEndpoint
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "hf_tiny_gpt2.py"
 STEPS, GRAD_ACCUM, BATCH, LOG_EVERY, RANKS = 24, 2, 4, 4, 2
+EVERY = 8  # steps between evaluations, and between checkpoints
 
 
 def example_module():
@@ -127,7 +129,8 @@ def finished(stack):
         "hf-done",
         [
             f"--steps={STEPS}", f"--grad-accum={GRAD_ACCUM}", f"--batch-size={BATCH}",
-            f"--log-every={LOG_EVERY}", "--pause=0.4",
+            f"--log-every={LOG_EVERY}", "--pause=0.4", f"--eval-every={EVERY}",
+            f"--save-every={EVERY}",
         ],
     )  # fmt: skip
     try:
@@ -190,6 +193,43 @@ def test_loss_grad_norm_and_learning_rate_are_the_trainers(stack, finished):
         assert rate == pytest.approx(final["learning_rate"], rel=1e-3), rank
     nonfinite = 'sum by (rank) (last_over_time(ugro_train_nonfinite_total{job_id="hf-done"}[5m]))'
     assert per_rank(stack, nonfinite) == {0: 0, 1: 0}
+
+
+def test_phases_evaluations_and_checkpoints_are_the_trainers(stack, finished):
+    last = 'last_over_time({name}{{job_id="hf-done"}}[5m])'
+
+    def values(name: str) -> dict[int, float]:
+        return per_rank(stack, last.format(name=name))
+
+    saves = STEPS // EVERY
+    assert values("ugro_train_checkpoints_total") == {0: saves, 1: saves}
+    assert all(v > 0 for v in values("ugro_train_last_checkpoint_duration_seconds").values())
+    # Each rank counts what it wrote: rank 0 the model, optimizer, scheduler, trainer state and
+    # its RNG state, rank 1 its own RNG state; together, every byte of the checkpoints on disk.
+    folders = list((stack.workdir / "hf-done").glob("checkpoint-*"))
+    assert {f.name for f in folders} == {f"checkpoint-{s}" for s in (8, 16, 24)}
+    on_disk = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
+    written = values("ugro_train_checkpoint_bytes_total")
+    assert sum(written.values()) == on_disk
+    assert 0 < written[1] < written[0]
+
+    found = stack.query(last.format(name="ugro_train_phase_seconds_total"))
+    seconds: dict[int, dict[str, float]] = {}
+    for series in found:
+        rank, phase = int(series["metric"]["rank"]), series["metric"]["phase"]
+        seconds.setdefault(rank, {})[phase] = float(series["value"][1])
+    ends = values("ugro_train_end_time_seconds")
+    starts = values("ugro_train_process_start_time_seconds")
+    for rank in range(RANKS):
+        # No data phase: the Trainer fetches a step's batches where no callback sees it.
+        assert set(seconds[rank]) == {
+            "startup", "step", "forward", "backward", "optimizer", "evaluation", "checkpoint",
+        }  # fmt: skip
+        assert all(value > 0 for value in seconds[rank].values()), seconds[rank]
+        # The example pauses 0.4 s in every on_step_end, after ugro's: in the step phase.
+        assert seconds[rank]["step"] >= 0.4 * STEPS
+        lifetime = ends[rank] - starts[rank]
+        assert lifetime - 0.05 <= sum(seconds[rank].values()) <= lifetime + 15
 
 
 def test_importing_ugro_trainer_loads_no_framework_and_a_missing_one_is_named():

@@ -5,7 +5,8 @@ weights on generated token ids) under ``torchrun --nproc-per-node 2`` on CPU (gl
 with the real Prometheus of ``AlertStack`` (1 s scrapes) as ugro-launch would register it:
 24 optimizer steps of 3 accumulated micro-batches of 4 padded sequences per rank, each sample
 fetched with a 15 ms delay, so the job runs for seconds (Prometheus scrapes it mid-run) and its
-ranks wait for data. Lightning's own per-rank loss is written by its CSVLogger.
+ranks wait for data; every 8 steps it validates on 2 held-out batches and Lightning's
+``ModelCheckpoint`` saves a checkpoint. Lightning's own per-rank loss is written by its CSVLogger.
 
 Expected values come from the example's own data generator and the sampler Lightning puts on a
 training loader under DDP (``DistributedSampler``, shuffled with the seed the example sets), so
@@ -41,6 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "lightning_tiny_gpt.py"
 JOB = "lightning-a"
 STEPS, ACCUMULATE, BATCH, SEQ_LEN, DATA_DELAY, WORLD = 24, 3, 4, 32, 0.015, 2
+EVERY = 8  # steps between validations, and between checkpoints
 MICRO_BATCHES = STEPS * ACCUMULATE  # per rank
 
 
@@ -156,7 +158,9 @@ def job(stack, tmp_path_factory):
             JOB,
             [
                 f"--steps={STEPS}", f"--accumulate={ACCUMULATE}", f"--batch-size={BATCH}",
-                f"--seq-len={SEQ_LEN}", f"--data-delay={DATA_DELAY}",
+                f"--seq-len={SEQ_LEN}", f"--data-delay={DATA_DELAY}", f"--val-every={EVERY}",
+                f"--checkpoint-every={EVERY}",
+                f"--checkpoint-dir={tmp_path_factory.mktemp('lightning-checkpoints')}",
             ],
         )  # fmt: skip
         try:
@@ -220,12 +224,38 @@ def test_gradient_norm_and_learning_rate_are_the_steps_own(stack, job):
     assert _last(stack, "ugro_train_learning_rate") == {0: learning_rate, 1: learning_rate}
 
 
+def _phase_seconds(stack: AlertStack) -> dict[int, dict[str, float]]:
+    found = stack.query(f'last_over_time(ugro_train_phase_seconds_total{{job_id="{JOB}"}}[5m])')
+    seconds: dict[int, dict[str, float]] = {}
+    for s in found:
+        rank, phase = int(s["metric"]["rank"]), s["metric"]["phase"]
+        seconds.setdefault(rank, {})[phase] = float(s["value"][1])
+    return seconds
+
+
 def test_data_wait_is_the_dataloader_fetch_time(stack, job):
-    waits = _last(stack, "ugro_train_data_wait_seconds_total")
+    waits = {rank: phases["data"] for rank, phases in _phase_seconds(stack).items()}
     durations = _last(stack, "ugro_train_step_duration_seconds_sum")
-    least = MICRO_BATCHES * BATCH * DATA_DELAY  # every sample sleeps this long in the fetch
+    # Every sample sleeps this long in the fetch; the first step's fetches are start-up.
+    least = (MICRO_BATCHES - ACCUMULATE) * BATCH * DATA_DELAY
     for rank in (0, 1):
         assert least <= waits[rank] < least + durations[rank], (waits, durations)
+
+
+def test_validation_and_checkpoints_are_phases_and_checkpoints_are_counted(stack, job):
+    assert _last(stack, "ugro_train_checkpoints_total") == {0: STEPS // EVERY, 1: STEPS // EVERY}
+    assert all(v > 0 for v in _last(stack, "ugro_train_last_checkpoint_duration_seconds").values())
+    ends = _last(stack, "ugro_train_end_time_seconds")
+    starts = _last(stack, "ugro_train_process_start_time_seconds")
+    for rank, seconds in _phase_seconds(stack).items():
+        assert set(seconds) == {
+            "startup", "data", "step", "forward", "backward", "optimizer", "evaluation",
+            "checkpoint",
+        }  # fmt: skip
+        assert all(value > 0 for value in seconds.values()), seconds
+        # Every second of the process is in one phase; the last scrape came after the end.
+        lifetime = ends[rank] - starts[rank]
+        assert lifetime - 0.05 <= sum(seconds.values()) <= lifetime + 15, (seconds, lifetime)
 
 
 def test_a_scrape_is_clean_under_promtool(job, promtool):

@@ -8,10 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
 
+from tests.support import sample, sample_values, scrape
+from tests.support.net import http_json
+from tests.support.stack import AlertStack
+from tests.support.training import TrainingJob
 from ugro.trainer.faults import FaultPlan
 
 from ..support import wait_for
@@ -49,7 +54,7 @@ def run_trainer(args: list[str], env: dict[str, str], timeout: float = 120):
 
 
 def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
-    start_process, free_port_block, scrape_metrics, parse_samples, promtool
+    start_process, free_port_block, scrape_metrics, parse_samples, promtool, tmp_path
 ):
     steps = 150
     base = free_port_block(2)
@@ -76,6 +81,11 @@ def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
             "3",
             "--slow-from",
             str(steps - 40),
+            # rank 0 writes a checkpoint at steps 40, 80 and 120; rank 1 waits in a barrier
+            "--checkpoint-every",
+            "40",
+            "--checkpoint-dir",
+            str(tmp_path),
             *SMALL_MODEL,
         ],
         trainer_env(base),
@@ -124,6 +134,9 @@ def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
         assert math.isfinite(get(after, "ugro_train_grad_norm_last"))
         assert get(after, "ugro_train_last_step_timestamp_seconds") > time.time() - 120
         assert get(after, "ugro_train_telemetry_errors_total") == 0
+        assert get(after, "ugro_train_checkpoints_total") == 3
+        assert get(after, "ugro_train_last_checkpoint_duration_seconds") > 0
+        assert get(after, "ugro_train_phase_seconds_total", phase="checkpoint") > 0
 
         # The loss falls: the exact mean of the later window is well below the early one's,
         # and the early one starts near ln(256), a uniform guess over bytes.
@@ -141,7 +154,10 @@ def test_two_rank_torchrun_serves_contract_metrics_on_both_ranks(
 
     # DDP keeps the ranks in lockstep, so both took every step; rank 1 alone spent the time
     # waiting for its batches.
-    waits = [s[("ugro_train_data_wait_seconds_total", ())] for s in late]
+    # Only rank 0 wrote: three times the one checkpoint file it keeps replacing.
+    written = [s.get(("ugro_train_checkpoint_bytes_total", ())) for s in late]
+    assert written == [3 * (tmp_path / "checkpoint.pt").stat().st_size, None]
+    waits = [s[("ugro_train_phase_seconds_total", (("phase", "data"),))] for s in late]
     assert waits[1] > 10 * waits[0], waits
 
     out, err = torchrun.communicate(timeout=60)
@@ -157,6 +173,14 @@ def test_bad_arguments_and_environment_fail_before_training(free_port_block):
 
     result = run_trainer(["--steps", "3", "--crash-at", "0"], env)
     assert result.returncode == 2 and "--crash-at 0: expected a step >= 1" in result.stderr
+
+    result = run_trainer(["--hang-in-data-at", "0"], env)
+    assert result.returncode == 2 and "--hang-in-data-at 0: expected a step >= 1" in result.stderr
+
+    result = run_trainer(["--checkpoint-delay", "-1"], env)
+    assert result.returncode == 2 and "--checkpoint-delay -1.0: expected seconds >= 0" in (
+        result.stderr
+    )
 
     result = run_trainer(["--steps", "3"], {**env, "UGRO_METRICS_PORT": "abc"})
     assert result.returncode == 2
@@ -267,6 +291,8 @@ def test_injected_hang_stops_steps_while_metrics_stay_up(
     time.sleep(1.5)
     assert steps() == 3
     assert process.poll() is None
+    # It hangs inside the forward pass of step 4.
+    assert phases(parse_samples(scrape_metrics(url))) == ["forward"]
 
 
 def test_slow_factor_stretches_only_the_chosen_rank():
@@ -322,3 +348,146 @@ def test_training_recovers_after_a_bounded_nonfinite_fault(
     assert samples[("ugro_train_loss_count", ())] == 10
     assert math.isfinite(samples[("ugro_train_loss_last", ())])
     assert math.isfinite(samples[("ugro_train_grad_norm_last", ())])
+
+
+def phases(samples: dict) -> list[str]:
+    """The phase labels of ugro_train_phase: exactly one while the rank is healthy."""
+    return [dict(labels)["phase"] for name, labels in samples if name == "ugro_train_phase"]
+
+
+def test_checkpoints_evaluations_and_injected_waits_are_counted_exactly(
+    start_process, free_port_block, scrape_metrics, parse_samples, tmp_path
+):
+    base = free_port_block(1)
+    start_process(
+        [
+            sys.executable,
+            "-m",
+            "ugro.trainer.train",
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--checkpoint-delay",
+            "0.3",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--eval-every",
+            "3",
+            "--eval-batches",
+            "1",
+            "--eval-delay",
+            "0.2",
+            "--data-delay",
+            "0.05",
+            "--linger",
+            "60",
+            *SMALL_MODEL,
+        ],
+        trainer_env(base),
+    )
+    url = f"http://127.0.0.1:{base}/metrics"
+
+    def finished() -> dict | None:
+        samples = parse_samples(scrape_metrics(url))
+        done = samples.get(("ugro_train_steps_total", ())) == 6 and phases(samples) == ["step"]
+        return samples if done and samples.get(("ugro_train_checkpoints_total", ())) == 3 else None
+
+    wait_for(finished, 120, "6 steps and 3 checkpoints")
+    before = time.time()
+    samples = parse_samples(scrape_metrics(url))
+    after = time.time()
+    get = lambda name, **labels: sample(samples, name, **labels)  # noqa: E731
+
+    # Steps 2, 4 and 6 wrote the same state (model, AdamW moments, step) to one file.
+    assert get("ugro_train_checkpoints_total") == 3
+    assert (
+        get("ugro_train_checkpoint_bytes_total") == 3 * (tmp_path / "checkpoint.pt").stat().st_size
+    )
+    assert get("ugro_train_last_checkpoint_duration_seconds") >= 0.3
+    assert before - 60 < get("ugro_train_last_checkpoint_timestamp_seconds") <= before
+    assert get("ugro_train_phase_seconds_total", phase="checkpoint") >= 3 * 0.3
+    assert get("ugro_train_phase_seconds_total", phase="evaluation") >= 2 * 0.2
+    # The first step's wait is start-up: five data waits of the injected 50 ms at least.
+    assert get("ugro_train_phase_seconds_total", phase="data") >= 5 * 0.05
+    for phase in ("forward", "backward", "optimizer", "step"):
+        assert get("ugro_train_phase_seconds_total", phase=phase) > 0
+    assert get("ugro_train_restarts") == 0
+
+    # Every second of the process is in exactly one phase.
+    started = get("ugro_train_process_start_time_seconds")
+    total = sum(v for (name, _), v in samples.items() if name == "ugro_train_phase_seconds_total")
+    assert before - started - 0.05 <= total <= after - started + 0.05
+    assert get("ugro_train_phase_start_time_seconds") <= before
+
+
+def test_a_rank_that_never_completes_a_step_stays_in_startup(
+    start_process, free_port_block, scrape_metrics, parse_samples
+):
+    base = free_port_block(1)
+    start_process(
+        [sys.executable, "-m", "ugro.trainer.train", "--hang-before-first-step", *SMALL_MODEL],
+        trainer_env(base),
+    )
+    url = f"http://127.0.0.1:{base}/metrics"
+    # Its metrics are served and its start-up time grows, but no step ever completes.
+    samples = wait_for(
+        lambda: (
+            (s := parse_samples(scrape_metrics(url))).get(
+                ("ugro_train_phase_seconds_total", (("phase", "startup"),)), 0
+            )
+            > 3
+            and s
+        ),
+        60,
+        "3 s of start-up",
+    )
+    assert samples[("ugro_train_steps_total", ())] == 0
+    assert phases(samples) == ["startup"]
+    assert (
+        samples[("ugro_train_phase_start_time_seconds", ())]
+        == samples[("ugro_train_process_start_time_seconds", ())]
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[AlertStack]:
+    stack = AlertStack(tmp_path_factory.mktemp("train-hangs"))
+    yield stack
+    stack.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "hung_phase"), [("--hang-in-data-at", "data"), ("--hang-at", "forward")]
+)
+def test_a_hung_rank_shows_where_it_hangs_while_the_others_wait_in_backward(
+    stack, fault, hung_phase
+):
+    job = TrainingJob(
+        stack,
+        f"hang-in-{hung_phase}",
+        ["--steps", "50", "--fault-rank", "1", fault, "4", *SMALL_MODEL],
+    )
+    try:
+        urls = [f"http://127.0.0.1:{job.base_port + rank}/metrics" for rank in (0, 1)]
+
+        def where() -> list[tuple[float | None, list[str]]]:
+            samples = [sample_values(scrape(url)) for url in urls]
+            return [(s.get(("ugro_train_steps_total", ())), phases(s)) for s in samples]
+
+        # Rank 1 hangs in step 4; rank 0 runs on into step 4's gradient all-reduce and waits.
+        expected = [(3, ["backward"]), (3, [hung_phase])]
+        wait_for(lambda: where() == expected, 120, f"rank 1 hung in {hung_phase}")
+
+        # Prometheus sees the same: one phase series per rank, the odd one out named.
+        query = f'ugro_train_phase{{job_id="{job.job_id}"}}'
+
+        def seen() -> dict[str, str]:
+            url = f"{stack.prometheus_url}/api/v1/query?query={urllib.parse.quote(query)}"
+            answer = http_json(url)
+            return {r["metric"]["rank"]: r["metric"]["phase"] for r in answer["data"]["result"]}
+
+        wait_for(lambda: seen() == {"0": "backward", "1": hung_phase}, 60, "Prometheus")
+        assert "injected hang at step 4" in job.log.read_text()
+    finally:
+        job.stop()

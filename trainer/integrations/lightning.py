@@ -10,7 +10,11 @@ variables; rank and world size from the trainer, which agree with torchrun's) an
 training ends. One step is one optimizer step: with ``accumulate_grad_batches=N`` the N
 micro-batches are recorded with ``micro_step()`` and the step when ``trainer.global_step``
 advances. Nothing here reads a tensor on the host: loss, token counts and the gradient norm stay
-device tensors that ``Telemetry`` copies without a sync. docs/metrics.md ("PyTorch Lightning")
+device tensors that ``Telemetry`` copies without a sync. The hooks also mark the rank's phase:
+forward from ``on_train_batch_start``, backward between ``on_before_backward`` and
+``on_after_backward``, optimizer from ``on_before_optimizer_step``, evaluation from
+``on_validation_start`` to ``on_validation_end``, and a checkpoint from ``on_save_checkpoint`` to
+the next thing the loop does that the callback sees. docs/metrics.md ("PyTorch Lightning")
 says what each value is and where it comes from.
 """
 
@@ -38,7 +42,7 @@ except ModuleNotFoundError as error:
         "ugro.trainer.integrations.lightning needs lightning: pip install 'ugro[lightning]'"
     ) from None
 
-from ugro.trainer.telemetry import Telemetry
+from ugro.trainer.telemetry import CheckpointTimer, PhaseTimer, Telemetry
 
 log = logging.getLogger("ugro.trainer")
 
@@ -82,6 +86,8 @@ class UgroCallback(pl.Callback):
         self._steps_before = 0
         self._grad_norm: Any = None
         self._learning_rate: Any = None
+        self._validation: PhaseTimer | None = None
+        self._checkpoint: CheckpointTimer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -105,7 +111,9 @@ class UgroCallback(pl.Callback):
         )
         self._with_grad_norm = self.grad_norm and _holds_full_gradients(trainer.strategy)
         if self.data_wait:
-            self._fetch_timer = _FetchTimer(trainer.profiler, self.telemetry)
+            self._fetch_timer = _FetchTimer(
+                trainer.profiler, self.telemetry, before_fetch=self._end_checkpoint
+            )
         if self.telemetry.metrics_url is not None:
             log.info(
                 "ugro: rank %d serves /metrics at %s",
@@ -114,6 +122,7 @@ class UgroCallback(pl.Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_checkpoint()
         self._close()
 
     def on_exception(
@@ -126,6 +135,8 @@ class UgroCallback(pl.Callback):
         self._close()
 
     def _close(self) -> None:
+        # A checkpoint or validation still open here did not finish: nothing to count.
+        self._checkpoint = self._validation = None
         if self._fetch_timer is not None:
             self._fetch_timer.remove()
             self._fetch_timer = None
@@ -139,6 +150,16 @@ class UgroCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._steps_before = trainer.global_step
+        self._end_checkpoint()
+        self._mark("forward")  # training_step follows: the forward pass and the loss
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
+    ) -> None:
+        self._mark("backward")
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark("step")
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -146,6 +167,8 @@ class UgroCallback(pl.Callback):
         telemetry = self.telemetry
         if telemetry is None:
             return
+        # Gradient clipping and the optimizer's step follow this hook.
+        telemetry.mark("optimizer")
         try:
             # Read here, before the scheduler moves it on after the step: the rate this step uses.
             self._learning_rate = optimizer.param_groups[0]["lr"]
@@ -188,6 +211,43 @@ class UgroCallback(pl.Callback):
         if trainer.global_step > self._steps_before:  # the optimizer stepped in this batch
             telemetry.step(grad_norm=self._grad_norm, learning_rate=self._learning_rate)
             self._grad_norm = self._learning_rate = None
+        else:
+            telemetry.mark("step")
+
+    # -- validation and checkpoints ----------------------------------------------------------
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.telemetry is None:
+            return  # the sanity check before training: no telemetry yet
+        self._end_checkpoint()
+        self._validation = self.telemetry.evaluation()
+        self._validation.__enter__()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        validation, self._validation = self._validation, None
+        if validation is not None:
+            validation.__exit__(None, None, None)  # back to the phase before it
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called while the checkpoint's state is gathered, before it is written (and before the
+        # barrier that follows under DDP). No hook follows the write: the checkpoint ends at the
+        # next thing the loop does that this callback sees (the next fetch, batch, validation,
+        # or the end of training).
+        if self.telemetry is None or self._checkpoint is not None:
+            return
+        self._checkpoint = self.telemetry.checkpoint()
+        self._checkpoint.__enter__()
+
+    def _end_checkpoint(self) -> None:
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is not None:
+            checkpoint.__exit__(None, None, None)  # counted
+
+    def _mark(self, phase: str) -> None:
+        if self.telemetry is not None:
+            self.telemetry.mark(phase)
 
 
 def default_batch_counts(batch: Any) -> tuple[Any, Any]:
@@ -241,9 +301,12 @@ class _FetchTimer:
     sees every call) and unwraps them on ``remove()``.
     """
 
-    def __init__(self, profiler: Any, telemetry: Telemetry) -> None:
+    def __init__(
+        self, profiler: Any, telemetry: Telemetry, before_fetch: Callable[[], None]
+    ) -> None:
         self._profiler = profiler
         self._telemetry = telemetry
+        self._before_fetch = before_fetch
         self._own = {
             name: vars(profiler)[name] for name in ("start", "stop") if name in vars(profiler)
         }
@@ -255,6 +318,7 @@ class _FetchTimer:
     def start(self, action_name: str) -> None:
         self._start(action_name)
         if action_name.endswith(_FETCH_ACTION_SUFFIX):
+            self._before_fetch()
             self._timer = self._telemetry.data_wait()
             self._timer.__enter__()
 
