@@ -10,8 +10,9 @@ is logged, counted in ``ugro_train_telemetry_errors_total`` and swallowed. A val
 valid (a count that is not a whole number in range, a string, a bool) is dropped, logged once per
 field and counted in ``ugro_train_telemetry_rejected_values_total`` as well; the step still counts.
 
-A rank is always in one phase (``ugro.common.phases``): ``startup`` until its first ``step()``
-completes, then ``step``, unless the loop marks a finer one::
+A rank is always in one phase (``ugro.common.phases``): ``startup`` until the loop marks one,
+``step`` after each ``step()``, unless the loop marks a finer one; every second until the first
+``step()`` completes counts as start-up::
 
     with telemetry.data_wait():          # = telemetry.phase("data")
         batch = next(loader)

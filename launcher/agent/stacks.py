@@ -7,7 +7,8 @@ never a shell), in parallel and with a time limit per rank, so one rank that py-
 read costs that rank its dump and nothing more.
 
 py-spy reads another process's memory through ptrace: it needs the same user as the ranks
-(with ``kernel.yama.ptrace_scope`` at most 1), or CAP_SYS_PTRACE. :func:`attach_problem` is the
+and ``kernel.yama.ptrace_scope`` 0 (at 1, only a process's ancestors may attach, and py-spy is
+not the ranks' ancestor), or CAP_SYS_PTRACE. :func:`attach_problem` is the
 quick check that ``preflight`` runs for it.
 """
 
