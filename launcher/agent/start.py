@@ -45,12 +45,52 @@ from .base import (
     wait_until,
 )
 from .logs import head_and_tail_text, tail_text
+from .stacks import rank_processes
 from .status import stop_job
 
-# A torchrun that exits within this is reported as a failed start. Its workers fail at once on
-# a wrong script path or working directory, and torchrun notices and exits about 2 s later.
+# A torchrun that exits before its ranks have run this long is reported as a failed start. Its
+# workers fail at once on a wrong script path or working directory, and torchrun notices and
+# exits about 2 s later. Counted from the ranks' start, not torchrun's: on a loaded machine
+# torchrun's own imports can take longer than this, and a fixed window from its start would call
+# a start that is about to fail "started".
 START_SETTLE_SECONDS = 5.0
+# Ranks appear only once every node's torchrun has joined the rendezvous. A torchrun with no
+# ranks after this long is reported as started (its rendezvous waits for a slow node, or for one
+# whose start failed, which the launcher then stops): well within the launcher's SSH command
+# timeout, and long enough for torchrun's imports on a loaded machine.
+START_RENDEZVOUS_SECONDS = 15.0
 START_FAILURE_LOG_LINES = 20
+
+
+def _runs_torchrun(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is torchrun (as ugro-launch starts it, or the console script)."""
+    return os.path.basename(argv[0]) == "torchrun" or list(argv[1:3]) == [
+        "-m",
+        "torch.distributed.run",
+    ]
+
+
+def _wait_until_settled(directory: pathlib.Path, argv: Sequence[str]) -> None:
+    """Until the command has exited, or torchrun's ranks have run for START_SETTLE_SECONDS (any
+    other command: until it has run that long), or START_RENDEZVOUS_SECONDS have passed without
+    ranks."""
+    if not _runs_torchrun(argv):
+        wait_until(lambda: (directory / EXIT_CODE).exists(), START_SETTLE_SECONDS)
+        return
+    deadline = time.monotonic() + START_RENDEZVOUS_SECONDS
+    ranks_since: float | None = None
+    while time.monotonic() < deadline:
+        if (directory / EXIT_CODE).exists():
+            return
+        ref = read_process_ref(directory / PID)
+        if ref is not None and rank_processes(ref[0]):
+            now = time.monotonic()
+            ranks_since = now if ranks_since is None else ranks_since
+            if now - ranks_since >= START_SETTLE_SECONDS:
+                return
+        else:  # none yet, or they exited: torchrun is about to exit or restart them
+            ranks_since = None
+        time.sleep(0.1)
 
 
 def start_job(
@@ -117,7 +157,7 @@ def start_job(
             f"{START_PID_TIMEOUT_SECONDS:g} s: {tail_text(log, START_FAILURE_LOG_LINES)}",
         }
     detach(supervisor)
-    wait_until(lambda: (directory / EXIT_CODE).exists(), START_SETTLE_SECONDS)
+    _wait_until_settled(directory, argv)
     exit_code = read_int(directory / EXIT_CODE)
     if exit_code is not None and exit_code != 0:  # a quick success is no failed start
         return {
