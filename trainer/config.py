@@ -13,7 +13,7 @@ per token or per sample (one of the two), ``UGRO_PEAK_FLOPS`` the device's peak 
 built-in table (``ugro.trainer.flops``) does not know it, and ``UGRO_TRAIN_DTYPE`` (bf16 by
 default; fp16, tf32, fp32) which of the table's peaks applies. torchrun's
 ``TORCHELASTIC_RESTART_COUNT`` says how often it had restarted the workers before this one
-started (``ugro_train_restart_count``). Every bad value is
+started (``ugro_train_restarts``). Every bad value is
 rejected here, before the first training step, with an error that names the variable and what
 was expected.
 """
