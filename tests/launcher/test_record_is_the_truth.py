@@ -85,8 +85,11 @@ def test_stop_ends_the_recorded_watcher_under_its_old_and_new_module_name(module
         stand_in.wait()
 
 
-def test_a_node_without_the_job_directory_is_not_stopped_and_the_job_is_kept(launcher):
-    started = launcher.run("hidden", nproc=1)
+def test_a_node_without_the_job_directory_is_not_stopped_and_the_job_is_kept(launcher, tmp_path):
+    # Ranks that never talk to each other: a training job's rank on node-b would end on its own
+    # once node-a's rank, its peer in every collective, is stopped; this one runs on.
+    (tmp_path / "idle.py").write_text("import time\ntime.sleep(600)\n")
+    started = launcher.run("hidden", f"--chdir={tmp_path}", command=["idle.py"], nproc=1)
     assert started.returncode == 0, started.stderr + started.stdout
     jobs = launcher.inventory.parent / "nodes" / "jobs"
     # The job's directory on node-b goes away (a cleaner, a hand): its agent answers "unknown".
