@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import pathlib
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ from .gpu import GpuCollector
 from .health import HealthCollector, TimedCollector
 from .host import HostCollector
 from .nvml import Nvml, NvmlUnavailable, load_module
+from .scheduler_jobs import GpuJobCollector
 
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_EXPORTER_PORT}"
 EXIT_USAGE = 2
@@ -77,6 +79,22 @@ def parse_listen(value: str) -> ListenAddress:
 def parse_mounts(value: str | None) -> list[str] | None:
     """``--mounts /,/data`` as a list; None (every real filesystem) when not given."""
     return [m for m in value.split(",") if m] if value else None
+
+
+def parse_gpu_jobs_dir(value: str | None) -> pathlib.Path | None:
+    """``--gpu-jobs-dir``: a readable directory, or a path where the prolog can create one."""
+    if value is None:
+        return None
+    expected = "expected the directory the Slurm prolog writes (its UGRO_GPU_JOBS_DIR)"
+    if not value:
+        raise UsageError(f"--gpu-jobs-dir '': {expected}")
+    path = pathlib.Path(value)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UsageError(f"--gpu-jobs-dir {value!r}: {existing} is not a directory; {expected}")
+    if existing == path and not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"--gpu-jobs-dir {value!r}: cannot list this directory (permissions)")
+    return path
 
 
 def positive_seconds(value: str) -> float:
@@ -134,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the tensor pipes by kind (HMMA, DFMA, IMMA; GPM GPUs only)",
     )
     parser.add_argument(
+        "--gpu-jobs-dir",
+        metavar="DIR",
+        help="serve ugro_gpu_scheduler_job_info (GPU -> scheduler job, user) from the files "
+        "that ugro's Slurm prolog (ugro/exporter/slurm/prolog.sh) writes in DIR "
+        "(off by default; the prolog writes /run/ugro/gpu-jobs unless told otherwise)",
+    )
+    parser.add_argument(
         "--nvml-module",
         default="pynvml",
         metavar="MODULE[:FACTORY]",
@@ -152,16 +177,24 @@ class Exporter:
         gpu: GpuCollector,
         host: HostCollector,
         poll_interval: float,
+        gpu_jobs: GpuJobCollector | None = None,
     ) -> None:
         self.node = node
         self.gpu = gpu
         self.host = host
+        # Without --gpu-jobs-dir the family is still declared (no samples, no health series),
+        # so that a node's exposition names the same families whatever its options.
+        self.gpu_jobs = gpu_jobs or GpuJobCollector(None)
         self.poll_interval = poll_interval
         self.registry = CollectorRegistry()
         self.registry.register(NodeInfoCollector(node))
         self.registry.register(TimedCollector(host))
         self.registry.register(TimedCollector(gpu))
-        self.registry.register(HealthCollector([host.health, gpu.health]))
+        self.registry.register(TimedCollector(self.gpu_jobs))
+        healths = [host.health, gpu.health]
+        if self.gpu_jobs.enabled:
+            healths.append(self.gpu_jobs.health)
+        self.registry.register(HealthCollector(healths))
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -218,6 +251,7 @@ def build_exporter(args: argparse.Namespace) -> Exporter:
         ),
         host=HostCollector(mountpoints=parse_mounts(args.mounts)),
         poll_interval=args.poll_interval,
+        gpu_jobs=GpuJobCollector(parse_gpu_jobs_dir(args.gpu_jobs_dir)),
     )
 
 
@@ -234,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mount in parse_mounts(args.mounts) or []:
             if not os.path.ismount(mount):
                 raise UsageError(f"--mounts: {mount!r} is not a mount point on this host")
+        parse_gpu_jobs_dir(args.gpu_jobs_dir)
     except UsageError as error:
         print(f"ugro-exporter: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -269,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ListenAddress(listen.host, server.server_port),
         "up" if exporter.gpu.health.up else f"down: {exporter.gpu.health.down_reason}",
     )
+    gpu_jobs_dir = exporter.gpu_jobs.directory
+    if gpu_jobs_dir is not None and not gpu_jobs_dir.exists():
+        log.info("%s does not exist yet: the Slurm prolog creates it for the first GPU job",
+                 gpu_jobs_dir)  # fmt: skip
     while not stop.wait(0.5):
         pass
     log.info("shutting down")

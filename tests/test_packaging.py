@@ -44,6 +44,8 @@ RUNTIME_DATA = (
     "ugro/alerts/templates/ugro.tmpl",
     "ugro/prometheus/prometheus.yml",
     "ugro/prometheus/rules/recording.yml",
+    "ugro/exporter/slurm/prolog.sh",
+    "ugro/exporter/slurm/epilog.sh",
 )
 # Where a user's secrets and the launcher's target files go in a checkout: never packaged.
 PRIVATE_DIRS = ("alerts/secrets", "prometheus/targets")
