@@ -13,10 +13,12 @@ SETUP_STAMP := $(VENV)/.installed
 
 # Debian packages the tests and the demo use, and the command each one provides.
 # sshd and ip make the launcher tests' network-namespace nodes; docker-compose validates
-# docker-compose.yml offline (no Docker engine needed).
+# docker-compose.yml offline (no Docker engine needed); slurm-wlm and munge run the Slurm
+# backend's tests, victoria-metrics receives remote_write in the tests of a distributed store.
 APT_PACKAGES := prometheus:promtool prometheus-alertmanager:amtool \
   prometheus-node-exporter:prometheus-node-exporter openssh-server:sshd iproute2:ip tmux:tmux \
-  docker-compose:docker-compose
+  docker-compose:docker-compose slurm-wlm:slurmctld slurm-wlm:slurmd munge:munged \
+  victoria-metrics:victoria-metrics
 
 # `make demo DEMO_ARGS=--keep` leaves Prometheus and Alertmanager running afterwards.
 DEMO_ARGS ?=

@@ -394,7 +394,7 @@ def run_status(
         return "finished"
     if running:
         return "running"
-    if record is not None and record.state not in (records.RUNNING, records.LAUNCHING):
+    if record is not None and record.state not in records.GOING:
         return record.state  # the launcher saw how it ended: finished, failed, stopped, lost
     if record is not None and record.shown_state == records.INTERRUPTED:
         return records.INTERRUPTED  # its launcher was killed half-way: `ugro-launch stop` it

@@ -323,7 +323,7 @@ def _rate(amount: float | None, seconds: float | None) -> float | None:
 def _from_record(record: records.JobRecord, now: float) -> JobRow:
     """A job only this machine's ugro-launch record knows of."""
     state = record.shown_state
-    going = state in (records.RUNNING, records.LAUNCHING)
+    going = state in records.GOING
     end = record.ended_at if record.ended_at is not None else (now if going else None)
     return JobRow(
         job_id=record.job_id,
@@ -347,7 +347,7 @@ def _local_records() -> tuple[dict[str, records.JobRecord], list[str]]:
 
 def _in_window(record: records.JobRecord, now: float, lookback: float) -> bool:
     """A record of a job that started within the lookback or is still going."""
-    going = record.state in (records.RUNNING, records.LAUNCHING)
+    going = record.state in records.GOING
     return going or record.started_at >= now - lookback
 
 

@@ -1,4 +1,5 @@
-"""ugro-launch: start a torchrun job on every node over SSH, and find, follow or stop it."""
+"""ugro-launch: start a torchrun job on every node over SSH or through Slurm, and find, follow or
+stop it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import psutil
 
 from ugro.common.identifiers import JOB_ID, JOB_ID_EXPECTED
 
-from . import records
+from . import records, slurm_jobs
 from .inventory import THIS_MACHINE, Inventory, InventoryError, Node, load_inventory, same_machine
 from .launch import (
     JobPlan,
@@ -31,6 +32,7 @@ from .launch import (
 )
 from .nodes import NodeSet
 from .remote import DEFAULT_KNOWN_HOSTS, RemoteError, SshOptions
+from .slurm_jobs import SlurmPlan
 from .stacks import collect_stacks, format_report
 
 VERBS = ("run", "status", "stop", "logs", "stacks", "list", "stop-exporters")
@@ -82,6 +84,11 @@ inventory (YAML; launcher/inventory.example.yml is a complete example):
   nodes:
     - {name: gpu-a, host: 10.0.0.11, gpus: 8}  # host localhost: run here, without SSH
     - {name: gpu-b, host: 10.0.0.12, gpus: 8}  # one node per machine in a job
+
+Slurm: an inventory with a `slurm` section (launcher/inventory.slurm.example.yml) and no nodes
+submits with sbatch instead (--nodes is then a node count); the watcher registers the ranks,
+labelled scheduler_job_id, when the allocation starts. status, stop (scancel), logs (from
+slurm.log_dir, shared with the nodes) and list work for it.
 
 SSH host keys are checked against ~/.ssh/known_hosts (--known-hosts); an unknown key is
 refused with its fingerprint unless --accept-new-host-keys is given. Jobs are recorded in
@@ -247,6 +254,46 @@ def ssh_options(args: argparse.Namespace, record: records.JobRecord | None = Non
 
 
 def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventory) -> JobPlan:
+    job_id, chdir = _checked_job(args, command, inventory)
+    nodes = selected_nodes(inventory, args.nodes)
+    clash = same_machine(nodes)
+    if clash is not None:
+        first, second, shared = clash
+        where = "both this machine" if shared == THIS_MACHINE else f"the same machine ({shared})"
+        raise UsageError(
+            f"nodes {first.name} ({first.host}) and {second.name} ({second.host}) are {where}: "
+            f"their ranks would serve metrics on the same ports {plan_ports(inventory, args)} "
+            "and Prometheus would scrape one for both; give each machine once (more ranks on "
+            "it: --nproc-per-node)"
+        )
+    return JobPlan(
+        job_id, inventory, nodes, args.nproc_per_node, tuple(command), args.rdzv_port, chdir
+    )
+
+
+def build_slurm_plan(
+    args: argparse.Namespace, command: list[str], inventory: Inventory
+) -> SlurmPlan:
+    """A job for Slurm: --nodes is a node count there (the allocation picks the nodes)."""
+    assert inventory.slurm is not None
+    job_id, chdir = _checked_job(args, command, inventory)
+    count = inventory.slurm.nodes
+    if args.nodes is not None:
+        if not re.fullmatch(r"[0-9]{1,4}", args.nodes.strip()) or int(args.nodes) < 1:
+            raise UsageError(
+                f"--nodes {args.nodes!r}: expected a node count (1 or more) for a Slurm "
+                f"inventory ({inventory.path}): Slurm's allocation picks the nodes"
+            )
+        count = int(args.nodes)
+    return SlurmPlan(
+        job_id, inventory, count, args.nproc_per_node, tuple(command), args.rdzv_port, chdir
+    )
+
+
+def _checked_job(
+    args: argparse.Namespace, command: list[str], inventory: Inventory
+) -> tuple[str, str | None]:
+    """The job id and working directory of a run, every flag checked."""
     if not command:
         raise UsageError(
             "no training command: give it after --, as torchrun takes it, "
@@ -265,25 +312,12 @@ def build_plan(args: argparse.Namespace, command: list[str], inventory: Inventor
     job_id = args.job_id if args.job_id is not None else default_job_id(command)
     if not JOB_ID.fullmatch(job_id):
         raise UsageError(f"--job-id {job_id!r}: expected {JOB_ID_EXPECTED}")
-    nodes = selected_nodes(inventory, args.nodes)
-    clash = same_machine(nodes)
-    if clash is not None:
-        first, second, shared = clash
-        where = "both this machine" if shared == THIS_MACHINE else f"the same machine ({shared})"
-        raise UsageError(
-            f"nodes {first.name} ({first.host}) and {second.name} ({second.host}) are {where}: "
-            f"their ranks would serve metrics on the same ports {plan_ports(inventory, args)} "
-            "and Prometheus would scrape one for both; give each machine once (more ranks on "
-            "it: --nproc-per-node)"
-        )
     chdir = args.chdir if args.chdir is not None else inventory.defaults.chdir
     if chdir is not None and not re.fullmatch(r"(/|~/)[^\0\n]*", chdir):
         raise UsageError(
             f"--chdir {chdir!r}: expected an absolute path (or ~/...), the same on every node"
         )
-    return JobPlan(
-        job_id, inventory, nodes, args.nproc_per_node, tuple(command), args.rdzv_port, chdir
-    )
+    return job_id, chdir
 
 
 def selected_nodes(inventory: Inventory, names: str | None) -> tuple[Node, ...]:
@@ -321,13 +355,15 @@ def default_job_id(command: list[str]) -> str:
 def run_job(args: argparse.Namespace, command: list[str]) -> int:
     interrupt_once()
     inventory = load_inventory(args.inventory)
+    if inventory.slurm is not None:
+        return submit_to_slurm(args, build_slurm_plan(args, command, inventory))
     plan = build_plan(args, command, inventory)
     print(
         f"launching {plan.job_id}: {len(plan.nodes)} node(s) × {plan.nproc_per_node} "
         f"= {plan.world_size} rank(s)",
         flush=True,
     )
-    record = launch(plan, ssh_options(args), lambda line: print(line, flush=True))
+    launch(plan, ssh_options(args), lambda line: print(line, flush=True))
     endpoints = plan.rank_endpoints()
     print(f"job {plan.job_id} started on {', '.join(n.name for n in plan.nodes)}")
     print(f"  rank metrics  http://{endpoints[0].host}:{endpoints[0].port}/metrics (rank 0)"
@@ -338,11 +374,33 @@ def run_job(args: argparse.Namespace, command: list[str]) -> int:
     print(f"  status        ugro-launch status {plan.job_id}")
     print(f"  logs          ugro-launch logs {plan.job_id} --follow")
     print(f"  stop          ugro-launch stop {plan.job_id}")
-    if not args.wait:
-        return 0
-    while (record := records.load_record(plan.job_id)).state == records.RUNNING:
+    return wait_for_end(plan.job_id) if args.wait else 0
+
+
+def submit_to_slurm(args: argparse.Namespace, plan: SlurmPlan) -> int:
+    print(
+        f"submitting {plan.job_id} to Slurm: {plan.nodes} node(s) × {plan.nproc_per_node} "
+        f"= {plan.world_size} rank(s)",
+        flush=True,
+    )
+    record = slurm_jobs.submit(plan, ssh_options(args), lambda line: print(line, flush=True))
+    assert record.slurm is not None
+    print(f"job {plan.job_id} submitted as Slurm job {record.slurm['job_id']}; its ranks are "
+          "registered with Prometheus when its allocation starts")  # fmt: skip
+    if plan.inventory.prometheus.grafana_url:
+        print(f"  Grafana       {plan.inventory.prometheus.grafana_url}/d/ugro-training"
+              f"?var-job_id={plan.job_id}")  # fmt: skip
+    print(f"  status        ugro-launch status {plan.job_id}")
+    print(f"  logs          ugro-launch logs {plan.job_id} --follow")
+    print(f"  stop          ugro-launch stop {plan.job_id}")
+    return wait_for_end(plan.job_id) if args.wait else 0
+
+
+def wait_for_end(job_id: str) -> int:
+    """--wait: until the job's watcher records its end; 0 if it finished."""
+    while (record := records.load_record(job_id)).state in records.GOING:
         time.sleep(1)
-    print(f"job {plan.job_id}: {record.state}")
+    print(f"job {job_id}: {record.state}")
     return 0 if record.state == records.FINISHED else 1
 
 
@@ -353,6 +411,11 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
     if args.job_id is None:
         return list_jobs(args, command)
     record = records.load_record(args.job_id)
+    if record.slurm is not None:
+        shown, lines = slurm_jobs.status_lines(record)
+        print(f"job {record.job_id}: {shown} (started {_when(record.started_at)})")
+        print("\n".join(lines))
+        return 0
     plan = plan_from_record(record)
     with NodeSet(plan.inventory, plan.nodes, ssh_options(args, record)) as nodes:
         answers = node_statuses(plan, nodes)
@@ -400,6 +463,10 @@ def stop_command(args: argparse.Namespace, command: list[str]) -> int:
         except records.RecordError:
             print(f"job {args.job_id}: its launch was rolled back; nothing is left")
             return 0
+    if record.slurm is not None:
+        record = slurm_jobs.stop(record, ssh_options(args, record), print)
+        print(f"job {record.job_id}: targets removed")
+        return 0
     record, results = stop_recorded_job(record, ssh_options(args, record))
     if print_stop_results(results):
         not_stopped = [name for name, result in results.items() if isinstance(result, Exception)]
@@ -445,14 +512,17 @@ def interrupt_launcher(ref: list[float]) -> bool:
 
 def show_logs(args: argparse.Namespace, command: list[str]) -> int:
     record = records.load_record(args.job_id)
+    if args.lines < 0:
+        raise UsageError(f"--lines {args.lines}: expected a count >= 0")
+    if record.slurm is not None:
+        path = slurm_jobs.log_file(record, args.node)
+        return slurm_jobs.print_log(path, args.lines, args.follow, record.job_id)
     plan = plan_from_record(record)
     node = plan.inventory.node(args.node) if args.node else plan.nodes[0]
     if node.name not in record.nodes:
         raise UsageError(
             f"--node {node.name}: job {record.job_id} ran on {', '.join(record.nodes)}"
         )
-    if args.lines < 0:
-        raise UsageError(f"--lines {args.lines}: expected a count >= 0")
     with NodeSet(plan.inventory, [node], ssh_options(args, record)) as nodes:
         argv = nodes.agent_argv(
             "logs",
@@ -479,6 +549,12 @@ def show_stacks(args: argparse.Namespace, command: list[str]) -> int:
                 f"{error}; for a job launched from another machine give its inventory: "
                 f"ugro-launch stacks {args.job_id} -i INVENTORY"
             ) from None
+        if record.slurm is not None:
+            raise UsageError(
+                f"stacks: job {args.job_id} runs under Slurm, whose nodes ugro-launch does not "
+                f"reach over SSH; on a node of it: srun --jobid={record.slurm['job_id']} "
+                "--overlap py-spy dump --pid PID"
+            )
         plan = plan_from_record(record)
         inventory, job_nodes, ranks_per_node = plan.inventory, plan.nodes, plan.nproc_per_node
     else:
@@ -532,7 +608,7 @@ def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
     busy = {
         name: job.job_id
         for job in records.all_records()
-        if job.state in (records.RUNNING, records.LAUNCHING)
+        if job.state in records.GOING
         for name in job.nodes
     }
     in_use = [node.name for node in nodes if node.name in busy]
@@ -567,8 +643,11 @@ def list_jobs(args: argparse.Namespace, command: list[str]) -> int:
         return 1 if unreadable else 0
     print(f"{'job':<40} {'state':<11} {'started':<19} nodes × ranks per node")
     for job in jobs:
+        nodes = ",".join(job.nodes)
+        if job.slurm is not None:
+            nodes = f"Slurm job {job.slurm['job_id']}: {nodes or 'not allocated'}"
         print(f"{job.job_id:<40} {job.shown_state:<11} {_when(job.started_at):<19} "
-              f"{','.join(job.nodes)} × {job.nproc_per_node}")  # fmt: skip
+              f"{nodes} × {job.nproc_per_node}")  # fmt: skip
     return 1 if unreadable else 0
 
 

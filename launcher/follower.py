@@ -9,6 +9,7 @@ exit, or its processes vanished), it stops the job on the other nodes, whose ran
 otherwise hang in a collective, and leaves the targets in place, so the dead ranks raise
 ``TrainingRanksDown`` until ``ugro-launch stop`` clears them. While the job runs, it also takes
 one stack dump of every rank when Prometheus says the job stalled (see stall_dumps.py).
+A job submitted through Slurm is followed by asking Slurm instead (slurm_jobs.follow).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pathlib
 import sys
 import time
 
-from . import records
+from . import records, slurm_jobs
 from .inventory import InventoryError
 from .launch import node_statuses, plan_from_record, replace_state, stop_nodes, targets_for
 from .nodes import NodeSet
@@ -100,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = SshOptions(args.known_hosts, args.accept_new_host_keys)
     try:
-        state = follow(args.job_id, options, args.poll_seconds, args.give_up_seconds)
+        if records.load_record(args.job_id).slurm is not None:
+            state = slurm_jobs.follow(args.job_id, options, args.poll_seconds)
+        else:
+            state = follow(args.job_id, options, args.poll_seconds, args.give_up_seconds)
     except (records.RecordError, InventoryError) as error:
         log.error("%s", error)
         return 1

@@ -80,11 +80,28 @@ class PrometheusTargets:
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    """An inventory with a ``slurm`` section submits through Slurm: the allocation picks the
+    nodes, so the inventory lists none."""
+
+    partition: str | None  # None: Slurm's default partition
+    nodes: int  # how many nodes a job gets unless --nodes says otherwise
+    gpus_per_node: int | None  # sbatch --gpus-per-node; None: not asked for
+    time_limit: str | None  # sbatch --time, e.g. "04:00:00"; None: the partition's default
+    account: str | None
+    # Where the job's batch output and each node's torchrun output go: a directory the nodes
+    # and this machine share (a home or project file system), so `ugro-launch logs` reads it.
+    log_dir: str
+    sbatch_args: tuple[str, ...] = ()  # more sbatch options, each "--name=value"
+
+
+@dataclass(frozen=True)
 class Inventory:
     path: pathlib.Path
     nodes: tuple[Node, ...]
     defaults: Defaults
     prometheus: PrometheusTargets
+    slurm: SlurmSettings | None = None
 
     @functools.cached_property
     def _by_name(self) -> dict[str, Node]:
@@ -164,10 +181,17 @@ def load_inventory(path: str | pathlib.Path) -> Inventory:
 
 def inventory_from_data(path: pathlib.Path, data: Any) -> Inventory:
     """The inventory that the parsed YAML ``data`` of ``path`` describes."""
-    top = _Fields(path, "inventory", data, {"defaults", "prometheus", "nodes"})
+    top = _Fields(path, "inventory", data, {"defaults", "prometheus", "nodes", "slurm"})
     defaults = _load_defaults(path, top.data.get("defaults", {}))
     prometheus = _load_prometheus(path, top.data.get("prometheus"), top.data.get("defaults", {}))
     raw_nodes = top.data.get("nodes")
+    if "slurm" in top.data:
+        if raw_nodes is not None:
+            raise InventoryError(
+                f"{path}: nodes: not with a slurm section: Slurm's allocation picks the nodes; "
+                "remove nodes (or the slurm section, to launch over SSH)"
+            )
+        return Inventory(path, (), defaults, prometheus, _load_slurm(path, top.data["slurm"]))
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise InventoryError(f"{path}: nodes: expected a non-empty list of nodes")
     nodes = tuple(_load_node(path, i, raw, top.data.get("defaults", {})) for i, raw in
@@ -235,6 +259,33 @@ def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str,
         user=fields.text("user", USER, "a user name", inherited.text("user", USER, "a user", None)),
         identity_file=fields.path_text("identity_file", inherited.path_text("identity_file", None)),
         gpus=fields.integer("gpus", 0, 64, None),
+    )
+
+
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SLURM_TIME = re.compile(r"^(?:\d+-)?\d+(?::\d+){0,2}$")  # sbatch --time: [D-]H[:M[:S]], M
+_SBATCH_OPTION = re.compile(r"^--[a-z][a-z-]*(?:=[^\n]*)?$")
+DEFAULT_SLURM_LOG_DIR = "~/.local/state/ugro/slurm"
+
+
+def _load_slurm(path: pathlib.Path, data: Any) -> SlurmSettings:
+    fields = _Fields(path, "slurm", data or {}, {"partition", "nodes", "gpus_per_node", "time",
+                                                 "account", "log_dir", "sbatch_args"})  # fmt: skip
+    extra = fields.data.get("sbatch_args", [])
+    if not isinstance(extra, list) or not all(
+        isinstance(option, str) and _SBATCH_OPTION.fullmatch(option) for option in extra
+    ):
+        raise fields._error(
+            "sbatch_args", 'a list of sbatch long options, e.g. ["--qos=high"]', extra
+        )
+    return SlurmSettings(
+        partition=fields.text("partition", _SLURM_NAME, "a Slurm partition name", None),
+        nodes=fields.integer("nodes", 1, 4096, 1),
+        gpus_per_node=fields.integer("gpus_per_node", 0, 64, None),
+        time_limit=fields.text("time", _SLURM_TIME, "a time limit like 04:00:00 or 1-00:00", None),
+        account=fields.text("account", _SLURM_NAME, "a Slurm account name", None),
+        log_dir=fields.path_text("log_dir", DEFAULT_SLURM_LOG_DIR),
+        sbatch_args=tuple(extra),
     )
 
 

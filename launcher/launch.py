@@ -25,7 +25,8 @@ from . import records
 from .inventory import Defaults, Inventory, Node, PrometheusTargets, load_inventory
 from .nodes import AgentError, NodeSet
 from .remote import RemoteError, SshOptions, SshShell
-from .targets import LocalTargets, RankEndpoint, RemoteTargets
+from .targets import LocalTargets, RankEndpoint, RemoteTargets, rank_endpoints
+from .torchrun import job_environment, torchrun_argv
 
 Print = Callable[[str], None]
 STOP_GRACE_SECONDS = 10.0
@@ -59,43 +60,38 @@ class JobPlan:
         return list(range(base, base + self.nproc_per_node))
 
     def rank_endpoints(self) -> list[RankEndpoint]:
-        return [
-            RankEndpoint(node.host, port, node_rank * self.nproc_per_node + local_rank, node.name)
-            for node_rank, node in enumerate(self.nodes)
-            for local_rank, port in enumerate(self.metrics_ports())
-        ]
+        return rank_endpoints(
+            [(node.name, node.host) for node in self.nodes],
+            self.nproc_per_node,
+            self.inventory.defaults.metrics_base_port,
+        )
 
     def torchrun_argv(self, node_rank: int) -> list[str]:
-        return [
+        return torchrun_argv(
             self.inventory.defaults.python,
-            "-m",
-            "torch.distributed.run",
-            f"--nnodes={len(self.nodes)}",
-            f"--nproc-per-node={self.nproc_per_node}",
-            f"--node-rank={node_rank}",
-            f"--master-addr={self.nodes[0].host}",
-            f"--master-port={self.rdzv_port}",
-            *self.command,
-        ]
+            nnodes=len(self.nodes),
+            nproc_per_node=self.nproc_per_node,
+            node_rank=node_rank,
+            master_addr=self.nodes[0].host,
+            master_port=self.rdzv_port,
+            command=self.command,
+        )
 
     def environment(self, node: Node) -> dict[str, str]:
-        return {
-            # The ranks write to a log file, where Python would block-buffer a script's
-            # progress lines for minutes; the inventory's env may say otherwise.
-            "PYTHONUNBUFFERED": "1",
-            **self.inventory.defaults.env,
-            # Registered with Prometheus below: a rank waits at its end for the scrape that
-            # takes its final values, even when the job is shorter than the first scrape.
-            "UGRO_REGISTERED_TARGET": "1",
-            "UGRO_JOB_ID": self.job_id,
-            "UGRO_NODE": node.name,
-            "UGRO_METRICS_PORT": str(self.inventory.defaults.metrics_base_port),
-        }
+        return job_environment(
+            self.job_id,
+            node.name,
+            self.inventory.defaults.metrics_base_port,
+            self.inventory.defaults.env,
+        )
 
 
 def targets_for(inventory: Inventory, options: SshOptions) -> LocalTargets | RemoteTargets:
     """Where Prometheus reads its file_sd targets: here, or on its host over SSH."""
-    config = inventory.prometheus
+    return targets_at(inventory.prometheus, options)
+
+
+def targets_at(config: PrometheusTargets, options: SshOptions) -> LocalTargets | RemoteTargets:
     if config.host is None or Node(config.host, config.host, 22, None, None, None).is_local:
         return LocalTargets(config.targets_dir)
     host = Node("prometheus", config.host, config.ssh_port, config.user, config.identity_file, None)
@@ -419,7 +415,7 @@ def stop_recorded_job(
     result is an exception; ``stop`` may then be repeated."""
     plan = plan_from_record(record)
     before = record
-    if record.state in (records.RUNNING, records.LAUNCHING):
+    if record.state in records.GOING:
         # First, so that the watcher does not take the stop for a failure of the job.
         record = replace_state(record, state=records.STOPPED, ended_at=time.time(), launcher=None)
     watcher_ended = stop_watcher(record)

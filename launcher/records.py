@@ -33,7 +33,9 @@ LOST = "lost"  # its nodes stopped answering before it ended
 # Written before anything starts on a node, so that a launcher killed half-way leaves a record
 # that `ugro-launch stop` can act on. Shown as INTERRUPTED once that launcher is gone.
 LAUNCHING, INTERRUPTED = "launching", "interrupted"
-STATES = (RUNNING, FINISHED, FAILED, STOPPED, LOST, LAUNCHING)
+PENDING = "pending"  # submitted to Slurm, waiting for its allocation
+STATES = (RUNNING, FINISHED, FAILED, STOPPED, LOST, LAUNCHING, PENDING)
+GOING = (RUNNING, LAUNCHING, PENDING)  # the states of a job that has not ended
 
 
 def state_dir() -> pathlib.Path:
@@ -67,6 +69,12 @@ class JobRecord:
     #    "prometheus": {"targets_dir": D, "host": H|null, "ssh_port": N, "user": U|null,
     #                   "identity_file": F|null}}
     access: dict[str, Any] | None = None
+    # A job submitted through Slurm (None: launched over SSH):
+    #   {"job_id": "123", "partition": P|null, "nodes": N, "log_dir": D, "state": "RUNNING",
+    #    "exit_code": "0:0"|null}
+    # `nodes` above stays empty until the allocation starts; then it names the allocation's
+    # nodes in node-rank order, and access.nodes holds each one's address.
+    slurm: dict[str, Any] | None = None
 
     @property
     def path(self) -> pathlib.Path:
@@ -189,6 +197,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "chdir": ((str, type(None)), "a path or null"),
     "known_hosts": ((str, type(None)), "a path or null"),
     "access": ((dict, type(None)), "a mapping or null"),
+    "slurm": ((dict, type(None)), "a mapping or null"),
 }
 _OPTIONAL_TEXT = ((str, type(None)), "a string or null")
 _ACCESS = {
@@ -206,6 +215,17 @@ _REACH = {
     "identity_file": _OPTIONAL_TEXT,
 }
 _PROMETHEUS = {"targets_dir": ((str,), "a path"), **{**_REACH, "host": _OPTIONAL_TEXT}}
+_SLURM = {
+    "job_id": ((str,), "a Slurm job id"),
+    "partition": _OPTIONAL_TEXT,
+    "nodes": ((int,), "a node count"),
+    "log_dir": ((str,), "a path"),
+    "state": ((str,), "Slurm's job state"),
+    "exit_code": _OPTIONAL_TEXT,
+}
+# A Slurm job's nodes are reached by Slurm, not over SSH: its access names their addresses only.
+_SLURM_ACCESS = {**_ACCESS, "workdir": _OPTIONAL_TEXT}
+_SLURM_REACH = {"host": ((str,), "a host name or address")}
 
 
 def record_from_text(path: pathlib.Path, text: str) -> JobRecord:
@@ -218,7 +238,13 @@ def record_from_text(path: pathlib.Path, text: str) -> JobRecord:
     where = f"{path}: "
     if not JOB_ID.fullmatch(data["job_id"]) or data["job_id"] != path.stem:
         raise RecordError(f"{where}job_id: expected {path.stem!r}, got {shown(data['job_id'])}")
-    if not data["nodes"] or not all(isinstance(name, str) for name in data["nodes"]):
+    slurm = data.get("slurm")
+    if slurm is not None:
+        _check_mapping(path, "slurm.", slurm, _SLURM, required=set(_SLURM))
+    # A Slurm job has no nodes until its allocation starts.
+    if (not data["nodes"] and slurm is None) or not all(
+        isinstance(name, str) for name in data["nodes"]
+    ):
         raise RecordError(f"{where}nodes: expected a non-empty list of node names")
     if not all(isinstance(part, str) for part in data["command"]):
         raise RecordError(f"{where}command: expected a list of strings")
@@ -235,14 +261,17 @@ def record_from_text(path: pathlib.Path, text: str) -> JobRecord:
         raise RecordError(f"{where}launcher: expected [pid, create_time], got {shown(launcher)}")
     access = data.get("access")
     if access is not None:
-        _check_mapping(path, "access.", access, _ACCESS, required=set(_ACCESS))
+        schema, reach_schema = (_ACCESS, _REACH) if slurm is None else (_SLURM_ACCESS, _SLURM_REACH)
+        _check_mapping(path, "access.", access, schema, required=set(schema))
         if set(access["nodes"]) != set(data["nodes"]):
             raise RecordError(
                 f"{where}access.nodes: expected exactly the job's nodes "
                 f"{', '.join(data['nodes'])}, got {shown(sorted(access['nodes']))}"
             )
         for name, reach in access["nodes"].items():
-            _check_mapping(path, f"access.nodes.{name}.", reach, _REACH, required=set(_REACH))
+            _check_mapping(
+                path, f"access.nodes.{name}.", reach, reach_schema, required=set(reach_schema)
+            )
         _check_mapping(
             path, "access.prometheus.", access["prometheus"], _PROMETHEUS, required=set(_PROMETHEUS)
         )

@@ -29,16 +29,33 @@ def target_text(groups: list[dict]) -> str:
     return json.dumps(groups, indent=2, sort_keys=True) + "\n"
 
 
-def rank_targets(job_id: str, endpoints: Iterable[RankEndpoint]) -> str:
+def rank_endpoints(
+    nodes: Iterable[tuple[str, str]], nproc_per_node: int, metrics_base_port: int
+) -> list[RankEndpoint]:
+    """Every rank of a job on ``nodes`` ((name, host) in node-rank order): torchrun numbers
+    ranks node by node, and each rank serves on the base port + its local rank."""
+    return [
+        RankEndpoint(host, metrics_base_port + local_rank, node_rank * nproc_per_node + local_rank,
+                     name)
+        for node_rank, (name, host) in enumerate(nodes)
+        for local_rank in range(nproc_per_node)
+    ]  # fmt: skip
+
+
+def rank_targets(
+    job_id: str, endpoints: Iterable[RankEndpoint], labels: dict[str, str] | None = None
+) -> str:
+    """``labels``: more target labels for every rank, e.g. the scheduler's job id."""
     return target_text(
         [
             {
                 "targets": [host_port(e.host, e.port)],
-                "labels": {"job_id": job_id, "rank": str(e.rank), "node": e.node},
+                "labels": {**(labels or {}), "job_id": job_id, "rank": str(e.rank),
+                           "node": e.node},
             }
             for e in sorted(endpoints, key=lambda e: e.rank)
         ]
-    )
+    )  # fmt: skip
 
 
 def node_target(node: str, host: str, port: int) -> str:
@@ -57,8 +74,10 @@ class LocalTargets:
     def node_file(self, node: str) -> pathlib.Path:
         return self.directory / "nodes" / f"{node}.json"
 
-    def register_job(self, job_id: str, endpoints: Iterable[RankEndpoint]) -> None:
-        write_atomically(self.job_file(job_id), rank_targets(job_id, endpoints))
+    def register_job(
+        self, job_id: str, endpoints: Iterable[RankEndpoint], labels: dict[str, str] | None = None
+    ) -> None:
+        write_atomically(self.job_file(job_id), rank_targets(job_id, endpoints, labels))
 
     def register_node(self, node: str, host: str, port: int) -> None:
         write_atomically(self.node_file(node), node_target(node, host, port))
@@ -93,8 +112,10 @@ class RemoteTargets:
     def node_file(self, node: str) -> str:
         return f"{self.directory}/nodes/{node}.json"
 
-    def register_job(self, job_id: str, endpoints: Iterable[RankEndpoint]) -> None:
-        self.shell.put_text(self.job_file(job_id), rank_targets(job_id, endpoints))
+    def register_job(
+        self, job_id: str, endpoints: Iterable[RankEndpoint], labels: dict[str, str] | None = None
+    ) -> None:
+        self.shell.put_text(self.job_file(job_id), rank_targets(job_id, endpoints, labels))
 
     def register_node(self, node: str, host: str, port: int) -> None:
         self.shell.put_text(self.node_file(node), node_target(node, host, port))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import pathlib
+import re
 import socket
 import time
 
@@ -194,3 +195,34 @@ def test_distinct_and_unresolvable_hosts_are_not_a_clash():
     nodes = [node("a", "10.0.0.11"), node("b", "10.0.0.12"), node("me", "localhost"),
              node("x", "nowhere-x.invalid"), node("y", "nowhere-y.invalid")]  # fmt: skip
     assert same_machine(nodes) is None
+
+
+SLURM_EXAMPLE = EXAMPLE.with_name("inventory.slurm.example.yml")
+
+
+def test_the_shipped_slurm_example_loads():
+    inventory = load_inventory(SLURM_EXAMPLE)
+    assert inventory.nodes == ()
+    slurm = inventory.slurm
+    assert slurm is not None
+    assert (slurm.partition, slurm.nodes, slurm.gpus_per_node) == ("gpu", 2, 8)
+    assert (slurm.time_limit, slurm.account) == ("12:00:00", "ml-team")
+    assert slurm.sbatch_args == ("--exclusive",)
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"partition": "gpu; rm -rf /"}, "slurm.partition: expected a Slurm partition name"),
+        ({"nodes": 0}, "slurm.nodes: expected an integer in 1..4096"),
+        ({"time": "soon"}, "slurm.time: expected a time limit"),
+        ({"sbatch_args": "--exclusive"}, "slurm.sbatch_args: expected a list of sbatch long"),
+        ({"sbatch_args": ["--qos=high\n--x"]}, "slurm.sbatch_args: expected a list"),
+        ({"log_dir": "relative/dir"}, "slurm.log_dir: expected an absolute path"),
+        ({"queue": "gpu"}, "slurm: unknown field(s) queue"),
+    ],
+)
+def test_a_bad_slurm_section_names_its_field(tmp_path, section, expected):
+    data = {"prometheus": {"targets_dir": "/srv/targets"}, "slurm": section}
+    with pytest.raises(InventoryError, match=re.escape(expected)):
+        load_inventory(write(tmp_path, data))
