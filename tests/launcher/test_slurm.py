@@ -64,12 +64,12 @@ class SlurmLauncher:
             {"partition": slurm.PARTITION, "nodes": 2, "log_dir": str(self.log_dir)}
         )
 
-    def write_inventory(self, slurm_section: dict) -> None:
+    def write_inventory(self, slurm_section: dict, python: str = sys.executable) -> None:
         self.inventory.write_text(
             yaml.safe_dump(
                 {
                     "defaults": {
-                        "python": sys.executable,
+                        "python": python,
                         "exporter_port": EXPORTER_PORT,
                         "env": {"OMP_NUM_THREADS": "1"},
                     },
@@ -269,3 +269,21 @@ def test_without_slurm_commands_the_launch_says_so(tmp_path):
     assert result.returncode == 1
     assert "sinfo not found on PATH" in result.stderr
     assert not (tmp_path / "s" / "no-slurm.json").exists()
+
+
+def test_a_node_without_the_inventorys_python_fails_the_job_and_its_log_says_why(
+    tmp_path, slurm_cluster
+):
+    launcher = SlurmLauncher(tmp_path, slurm_cluster, tmp_path / "targets")
+    section = {"partition": slurm_cluster.PARTITION, "nodes": 2, "log_dir": str(launcher.log_dir)}
+    launcher.write_inventory(section, python="/opt/missing/bin/python")
+    try:
+        started = launcher.run("no-python", "--wait", nproc=1)
+        assert started.returncode == 1, started.stderr + started.stdout
+        assert "job no-python: failed" in started.stdout
+        logs = launcher("logs", "no-python", "--node", "node-b")
+        assert "/opt/missing/bin/python" in logs.stdout, logs.stdout + logs.stderr
+        assert "No such file or directory" in logs.stdout
+        assert launcher.slurm_jobs() == []
+    finally:
+        launcher.kill_watchers()
