@@ -32,8 +32,10 @@ README point here):
   from the number of samples a rank has). Rates are taken over a window of three scrape
   intervals or two resolution steps, whichever is longer (``rate_window_seconds``): the
   dashboards' one-minute rules would smear a job shorter than a few minutes, start-up included.
-  Peak throughput is the highest point of the job's token rate curve (the sum over ranks); a
-  run shorter than one rate window has no curve, and its mean throughput stands in.
+  Peak throughput is the highest point of the job's token rate curve (the sum over ranks of
+  the tokens counted in each window over its length: two samples, so that any store holding
+  the samples answers the same, which ``rate()`` does not); a run shorter than one rate window
+  has no curve, and its mean throughput stands in.
 * **Loss.** Each rank's *initial* loss is its first finite ``ugro_train_loss_last`` sample (the
   loss of whichever step was last when Prometheus first scraped it; that step is reported
   too); its *final* loss is its last finite sample; its *mean* is ``loss_sum / loss_count`` at
@@ -155,7 +157,14 @@ def collect(
 
     curves = Curves(
         loss=curves_of("max by (rank) (ugro_train_loss_last{$sel})"),
-        tokens_rate=curves_of("sum by (rank) (rate(ugro_train_tokens_total{$sel}[$rw]))"),
+        # The tokens counted in the window over its length, from two plain samples, not
+        # rate(): a store that speaks MetricsQL computes rate() (and deriv()) differently (no
+        # extrapolation to the window's edges, the sample before the window counted), and the
+        # report must say the same wherever the series are kept (docs/remote-write.md).
+        tokens_rate=curves_of(
+            "sum by (rank) (ugro_train_tokens_total{$sel}"
+            f" - ugro_train_tokens_total{{$sel}} offset $rw) / {window:.0f}"
+        ),
     )
     _fill_losses(q, ranks, curves, start)
     curves.loss_job = mean_curve(curves.loss)

@@ -69,6 +69,11 @@ LAST_CHECKPOINT_DURATION = "ugro_train_last_checkpoint_duration_seconds"
 RESTART_SERIES = (PHASE_SECONDS, PROCESS_START, LAST_STEP, LAST_CHECKPOINT, CHECKPOINTS,
                   CHECKPOINT_BYTES)  # fmt: skip
 
+# Two process start times (Unix seconds) this close are one process. A restarted process starts
+# seconds later (torchrun's restart, imports); a distributed store that keeps about 12
+# significant digits (VictoriaMetrics) moves a Unix time by up to a millisecond.
+SAME_START_SECONDS = 1.0
+
 # Two stalled-condition samples belong to one episode when the last steps they imply agree
 # to within this: the condition is time() minus a timestamp, exact to float64 rounding.
 SAME_STEP_SECONDS = 0.01
@@ -179,7 +184,11 @@ def split_incarnations(series: Mapping[str, Mapping[str, Samples]]) -> list[Inca
     for t in times:
         total = sum(by_time[t].values())
         start = starts.get(t)
-        new_start = start is not None and previous_start is not None and start != previous_start
+        new_start = (
+            start is not None
+            and previous_start is not None
+            and abs(start - previous_start) > SAME_START_SECONDS
+        )
         if not boundaries or new_start or (previous_total is not None and total < previous_total):
             boundaries.append(t)
         previous_total = total
@@ -278,7 +287,11 @@ def add_time_accounting(prometheus: Prometheus, report: JobReport) -> JobReport:
     if not last_phase:
         return report
     restarted = set(q.by_rank(f"max by (rank) (resets({PHASE_SECONDS}{{$sel}}[$w])) > 0"))
-    restarted |= set(q.by_rank(f"max by (rank) (changes({PROCESS_START}{{$sel}}[$w])) > 0"))
+    # Not changes(): a store may count a staleness marker or its rounding as a change.
+    moved = (
+        f"max_over_time({PROCESS_START}{{$sel}}[$w]) - min_over_time({PROCESS_START}{{$sel}}[$w])"
+    )
+    restarted |= set(q.by_rank(f"max by (rank) ({moved}) > {SAME_START_SECONDS:g}"))
     lives = {rank: _incarnations(q, rank) for rank in sorted(restarted)}
 
     episodes: dict[int, list[StallEpisode]] = defaultdict(list)
@@ -315,12 +328,20 @@ def _by_rank_label(samples: list[dict], label: str) -> dict[int, dict[str, float
     return dict(out)
 
 
+def _finite_points(values: list[list]) -> Samples:
+    """A series' finite samples. A distributed store may return Prometheus's staleness
+    markers as NaN points where Prometheus returns none (VictoriaMetrics does); counters,
+    timestamps and conditions are never NaN otherwise."""
+    points = ((float(t), float(v)) for t, v in values)
+    return [(t, v) for t, v in points if math.isfinite(v)]
+
+
 def _raw_by_rank(matrix: list[dict]) -> dict[int, Samples]:
     out: dict[int, Samples] = defaultdict(list)
     for series in matrix:
         rank = rank_key(series["metric"])
         if rank is not None:
-            out[rank].extend((float(t), float(v)) for t, v in series["values"])
+            out[rank].extend(_finite_points(series["values"]))
     return {rank: sorted(samples) for rank, samples in out.items()}
 
 
@@ -333,7 +354,7 @@ def _incarnations(q: JobQueries, rank: int) -> list[Incarnation]:
     for found in matrix:
         labels = found["metric"]
         samples = series[labels.get("__name__", "")][labels.get("phase", "")]
-        samples.extend((float(t), float(v)) for t, v in found["values"])
+        samples.extend(_finite_points(found["values"]))
     for by_label in series.values():
         for samples in by_label.values():
             samples.sort()

@@ -91,11 +91,15 @@ def rate_window_for(step: float, scrape_interval: float | None) -> float:
 
 
 def raw_samples(matrix: list[dict]) -> dict[int, list[tuple[float, float]]]:
+    """A range selector's finite samples by rank, oldest first. NaN and infinite samples are
+    left out: every caller wants values, and a distributed store may return Prometheus's
+    staleness markers as NaN points where Prometheus returns none (VictoriaMetrics does)."""
     out: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for series in matrix:
         rank = rank_key(series["metric"])
         if rank is not None:
-            out[rank].extend((float(t), float(v)) for t, v in series.get("values", []))
+            points = ((float(t), float(v)) for t, v in series.get("values", []))
+            out[rank].extend((t, v) for t, v in points if math.isfinite(v))
     for samples in out.values():
         samples.sort()
     return out

@@ -202,9 +202,10 @@ def xid_errors():
 def pcie_replays():
     return p.graph(
         "PCIe replays",
-        "PCIe link-level retransmissions per second, per GPU: a rising rate is a bad link.",
+        "PCIe link-level retransmissions per second over the last minute, per GPU: a rising "
+        "rate is a bad link.",
         "ops",
-        p.query(f"rate(ugro_gpu_pcie_replays_total{{{NODES}}}[$__rate_interval])", GPU),
+        p.query(f"gpu:ugro_gpu_pcie_replays:rate1m{{{NODES}}}", GPU),
         minimum=0,
     )
 
@@ -260,15 +261,15 @@ def disk_free(thresholds: Thresholds):
 def disk_io():
     return p.graph(
         "Disk I/O",
-        "Bytes read and written per second, per disk.",
+        "Bytes read and written per second over the last minute, per disk.",
         p.BYTES_PER_SECOND,
         p.query(
-            f"rate(ugro_node_disk_read_bytes_total{{{NODES}}}[$__rate_interval])",
+            f"node:ugro_node_disk_read_bytes:rate1m{{{NODES}}}",
             "{{node}} {{device}} read",
             "A",
         ),
         p.query(
-            f"rate(ugro_node_disk_written_bytes_total{{{NODES}}}[$__rate_interval])",
+            f"node:ugro_node_disk_written_bytes:rate1m{{{NODES}}}",
             "{{node}} {{device}} written",
             "B",
         ),
@@ -279,16 +280,16 @@ def disk_io():
 def network():
     return p.graph(
         "Network",
-        "Bytes received and sent per second, per interface (loopback and container plumbing "
-        "left out).",
+        "Bytes received and sent per second over the last minute, per interface (loopback and "
+        "container plumbing left out).",
         p.BYTES_PER_SECOND,
         p.query(
-            f"rate(ugro_node_network_receive_bytes_total{{{NODES}}}[$__rate_interval])",
+            f"node:ugro_node_network_receive_bytes:rate1m{{{NODES}}}",
             "{{node}} {{interface}} in",
             "A",
         ),
         p.query(
-            f"rate(ugro_node_network_transmit_bytes_total{{{NODES}}}[$__rate_interval])",
+            f"node:ugro_node_network_transmit_bytes:rate1m{{{NODES}}}",
             "{{node}} {{interface}} out",
             "B",
         ),

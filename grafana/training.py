@@ -160,7 +160,7 @@ def step_time():
     return p.graph(
         "Step time",
         "Each rank's mean step time over the last minute, and its 90th percentile over the "
-        "rate interval (from the step-duration histogram).",
+        "last minute (from the step-duration histogram).",
         p.SECONDS,
         p.query(
             f"job_rank:ugro_train_step_duration_seconds:mean1m{{{RANKS}}}",
@@ -168,8 +168,7 @@ def step_time():
             "A",
         ),
         p.query(
-            "histogram_quantile(0.9, sum by (rank, le) "
-            f"(rate(ugro_train_step_duration_seconds_bucket{{{RANKS}}}[$__rate_interval])))",
+            f"job_rank:ugro_train_step_duration_seconds:p90_1m{{{RANKS}}}",
             "rank {{rank}} p90",
             "B",
         ),
@@ -211,10 +210,12 @@ def nonfinite_steps(thresholds: Thresholds):
         "event counts too).",
         p.COUNT,
         p.query(
-            or_zero_per_rank(
-                f"sum by (rank, quantity) ({conditions.NONFINITE}{{{RANKS}}})",
-                "ugro_train_steps_total",
-            ),
+            # 0 for each rank and quantity without events: the counter has both quantities from
+            # the first scrape. The two sides have the same labels, so a plain `or` joins them
+            # alike in Prometheus and in a store that speaks MetricsQL, whose `or on (...)`
+            # fills gaps differently.
+            f"sum by (rank, quantity) ({conditions.NONFINITE}{{{RANKS}}})"
+            f" or (sum by (rank, quantity) (ugro_train_nonfinite_total{{{RANKS}}}) * 0)",
             "rank {{rank}} {{quantity}}",
         ),
         minimum=0,

@@ -54,6 +54,9 @@ class AlertStack:
 
     workdir: pathlib.Path
     thresholds: dict[str, object] = field(default_factory=lambda: dict(TEST_THRESHOLDS))
+    # Top-level prometheus.yml sections added to (or replacing) the overlay's, e.g.
+    # ``{"remote_write": [...]}`` to forward everything to a distributed store.
+    prometheus_extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slack = SlackWebhookRecorder()
@@ -122,6 +125,7 @@ class AlertStack:
             own=f"127.0.0.1:{self.prometheus_port}",
             interval="1s",
         )
+        config.update(self.prometheus_extra)
         path = directory / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = directory / "prometheus.log"
@@ -171,8 +175,13 @@ class AlertStack:
 
 
 @contextlib.contextmanager
-def alert_stack(workdir: pathlib.Path, **thresholds: object) -> Iterator[AlertStack]:
-    stack = AlertStack(workdir, {**TEST_THRESHOLDS, **thresholds})
+def alert_stack(
+    workdir: pathlib.Path,
+    *,
+    prometheus_extra: dict[str, object] | None = None,
+    **thresholds: object,
+) -> Iterator[AlertStack]:
+    stack = AlertStack(workdir, {**TEST_THRESHOLDS, **thresholds}, prometheus_extra or {})
     try:
         yield stack
     finally:
