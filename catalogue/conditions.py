@@ -28,6 +28,7 @@ THROUGHPUT_BASELINE_WINDOW = "30m"
 
 # Condition series names, for the alerts and the console.
 NONFINITE = "job_rank:ugro_train_nonfinite:condition"
+NONFINITE_COUNT = "job_rank:ugro_train_nonfinite:count"  # NONFINITE, 0 where it has no series
 LOSS_SPIKE = "job_rank:ugro_train_loss_spike:condition"
 LOSS_ABOVE_CEILING = "job_rank:ugro_train_loss_above_ceiling:condition"
 STALLED = "job_rank:ugro_train_stalled:condition"
@@ -66,6 +67,13 @@ def training(t: Thresholds) -> list[Record]:
             new_events("ugro_train_nonfinite_total", tr.nonfinite_window),
             why="Non-finite losses or gradient norms counted within nonfinite_window; one series "
             "per quantity.",
+        ),
+        Record(
+            NONFINITE_COUNT,
+            f"{NONFINITE}\nor ugro_train_nonfinite_total * 0",
+            why="The same count, and 0 for every rank and quantity without events: what the "
+            "dashboard graphs,\nrecorded once per cycle (a panel that filled the zeros itself "
+            "read every rank's counter\nat every point). Not a condition: it always exists.",
         ),
         Record(
             LOSS_SPIKE,

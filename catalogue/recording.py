@@ -161,6 +161,14 @@ def _phase_places() -> str:
     return "\nor ".join(alternatives)
 
 
+def _phase_indexes() -> str:
+    """Each rank's current phase as the value of its phase series: its index in PHASES."""
+    return "\nor ".join(
+        f'0 * ugro_train_phase{{phase="{phase}"}} + {index}' for index, phase in enumerate(PHASES)
+    )
+
+
+PHASE_INDEX = "job_rank:ugro_train_phase:index"
 _PHASE_RATE = "job_rank:ugro_train_phase_seconds:rate5m"
 _PRODUCTIVE = f'phase=~"{goodput.phase_regex(goodput.PRODUCTIVE)}"'
 PHASE_RULES = Group(
@@ -172,6 +180,13 @@ one up to the scrape, so a rank's phase rates sum to 1. The goodput categories g
 catalogue/goodput.py defines them; stalls and restarts are taken out by `ugro report`, which
 sees the whole run.""",
     rules=[
+        Record(
+            PHASE_INDEX,
+            f"max without (phase) (\n{_indent(_phase_indexes())}\n)",
+            why="Each rank's current phase as a number, its index in ugro.common.phases.PHASES: "
+            "a state\ntimeline shows values, and a phase is a label. Recorded once per cycle: a "
+            "panel that\nmatched every phase itself cost seconds at a thousand ranks.",
+        ),
         Record(
             _PHASE_RATE,
             "rate(ugro_train_phase_seconds_total[5m])",

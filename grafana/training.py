@@ -13,7 +13,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.models import dashboard as model
 
-from ugro.catalogue import conditions, goodput
+from ugro.catalogue import conditions, goodput, recording
 from ugro.catalogue.thresholds import Thresholds
 from ugro.common import phases
 
@@ -210,12 +210,11 @@ def nonfinite_steps(thresholds: Thresholds):
         "event counts too).",
         p.COUNT,
         p.query(
-            # 0 for each rank and quantity without events: the counter has both quantities from
-            # the first scrape. The two sides have the same labels, so a plain `or` joins them
-            # alike in Prometheus and in a store that speaks MetricsQL, whose `or on (...)`
-            # fills gaps differently.
-            f"sum by (rank, quantity) ({conditions.NONFINITE}{{{RANKS}}})"
-            f" or (sum by (rank, quantity) (ugro_train_nonfinite_total{{{RANKS}}}) * 0)",
+            # Recorded with a 0 for each rank and quantity without events: both quantities are
+            # counted from the first scrape, so both sides of the rule's `or` have the same
+            # labels, which Prometheus and a MetricsQL store (whose `or on (...)` fills gaps
+            # differently) join alike.
+            f"sum by (rank, quantity) ({conditions.NONFINITE_COUNT}{{{RANKS}}})",
             "rank {{rank}} {{quantity}}",
         ),
         minimum=0,
@@ -248,15 +247,6 @@ PHASE_COLORS = {
 assert set(PHASE_COLORS) == set(phases.PHASES)
 
 
-def phase_code(selector: str) -> str:
-    """Each rank's current phase as a number, its index in ``phases.PHASES`` (a state
-    timeline shows values, and a phase is a label)."""
-    return "\nor ".join(
-        f'0 * ugro_train_phase{{{selector}, phase="{phase}"}} + {code}'
-        for code, phase in enumerate(phases.PHASES)
-    )
-
-
 def phase_shares():
     productive = ", ".join(goodput.PHASES_OF[goodput.PRODUCTIVE])
     return p.graph(
@@ -282,7 +272,7 @@ def rank_phases():
         "Phase per rank",
         "The phase each rank is in at each scrape. When a job hangs, the rank the others wait "
         "for is the one in another phase (or a step behind): TrainingHungRank names it.",
-        p.query(f"max by (rank) (\n{phase_code(RANKS)}\n)", RANK),
+        p.query(f"max by (rank) ({recording.PHASE_INDEX}{{{RANKS}}})", RANK),
         names={code: (phase, PHASE_COLORS[phase]) for code, phase in enumerate(phases.PHASES)},
         width=12,
         height=8,

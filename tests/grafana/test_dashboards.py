@@ -19,7 +19,7 @@ from tests.grafana.dashboards import (
     targets,
     variables,
 )
-from ugro.catalogue import names
+from ugro.catalogue import names, recording
 from ugro.catalogue.promql import RANK_GPUS
 from ugro.grafana import __main__ as grafana_cli
 
@@ -296,5 +296,7 @@ def test_the_phase_panels_know_every_phase():
         str(code): phase for code, phase in enumerate(PHASES)
     }
     expr = timeline["targets"][0]["expr"]
-    missing = [p for c, p in enumerate(PHASES) if f'phase="{p}"}} + {c}' not in expr]
+    assert recording.PHASE_INDEX in expr
+    [rule] = [r for r in recording.PHASE_RULES.rules if r.name == recording.PHASE_INDEX]
+    missing = [p for c, p in enumerate(PHASES) if f'phase="{p}"}} + {c}' not in rule.expr]
     assert missing == []
