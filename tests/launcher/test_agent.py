@@ -486,6 +486,9 @@ def test_logs_prints_the_tail_and_follow_ends_with_the_job(jobs, tmp_path):
         # The tail is written once the signal handlers are set: after it, a SIGHUP is the
         # agent's to handle (a fixed sleep raced the agent's start-up on a loaded machine).
         assert hung_up.stdout.readline() == "line 50\n"
+        # The job goes on only once the follower has printed its tail too: released earlier, a
+        # follower still starting on a loaded machine would find "last" as the log's last line.
+        assert follower.stdout.readline() == "line 50\n"
         assert follower.poll() is None
         hung_up.send_signal(signal.SIGHUP)  # what the SSH session closing does
         out, err = hung_up.communicate(timeout=10)
@@ -493,7 +496,7 @@ def test_logs_prints_the_tail_and_follow_ends_with_the_job(jobs, tmp_path):
 
         release.touch()
         out, err = follower.communicate(timeout=20)
-        assert (follower.returncode, out, err) == (0, "line 50\nlast\n", "")
+        assert (follower.returncode, out, err) == (0, "last\n", "")
     finally:
         for process in (follower, hung_up):
             if process.poll() is None:
