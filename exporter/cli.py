@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-# Dependency-free: the exporter imports no other part of ugro.
+# The exporter imports no other part of ugro than these modules of ugro.common.
+from ugro.common.metrics_endpoint import serve_registry
 from ugro.common.ports import DEFAULT_EXPORTER_PORT, host_port
+from ugro.common.web_config import WebConfig, WebConfigError, load_web_config
 
 from .gpu import GpuCollector
 from .health import HealthCollector, TimedCollector
@@ -97,6 +99,29 @@ def parse_gpu_jobs_dir(value: str | None) -> pathlib.Path | None:
     return path
 
 
+def load_web_config_flag(value: str | None) -> WebConfig | None:
+    """``--web.config.file``: a usable web configuration, or None (plain HTTP)."""
+    if value is None:
+        return None
+    if not value:
+        raise UsageError("--web.config.file '': expected the path of a web configuration file")
+    try:
+        return load_web_config(value)
+    except WebConfigError as error:
+        raise UsageError(f"--web.config.file: {error}") from None
+
+
+def _security(web_config: WebConfig | None) -> str:
+    if web_config is None:
+        return ""
+    parts = []
+    if web_config.tls is not None:
+        parts.append(f"client certificates: {web_config.tls.client_auth_type}")
+    if web_config.basic_auth_users:
+        parts.append(f"basic auth: {len(web_config.basic_auth_users)} user(s)")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def positive_seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -117,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LISTEN,
         metavar="ADDR:PORT",
         help=f"where to serve /metrics (default {DEFAULT_LISTEN}; port 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="TLS, client certificates and basic auth for /metrics, in the format of "
+        "Prometheus's --web.config.file (check it with `promtool check web-config FILE`); "
+        "plain HTTP without it",
     )
     parser.add_argument(
         "--node",
@@ -269,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.path.ismount(mount):
                 raise UsageError(f"--mounts: {mount!r} is not a mount point on this host")
         parse_gpu_jobs_dir(args.gpu_jobs_dir)
+        web_config = None if args.once else load_web_config_flag(args.web_config_file)
     except UsageError as error:
         print(f"ugro-exporter: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -283,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
-        server, _ = start_http_server(listen.port, addr=listen.host, registry=exporter.registry)
+        endpoint = serve_registry(exporter.registry, listen.host, listen.port, web_config)
     except OSError as error:
         exporter.close()
         reason = error.strerror or str(error)
@@ -299,9 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _set_event(stop))
     exporter.start_polling()
     log.info(
-        "serving node %s on http://%s/metrics (GPU collector %s)",
+        "serving node %s on %s://%s/metrics%s (GPU collector %s)",
         args.node,
-        ListenAddress(listen.host, server.server_port),
+        endpoint.scheme,
+        ListenAddress(listen.host, endpoint.port),
+        _security(web_config),
         "up" if exporter.gpu.health.up else f"down: {exporter.gpu.health.down_reason}",
     )
     gpu_jobs_dir = exporter.gpu_jobs.directory
@@ -311,8 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     while not stop.wait(0.5):
         pass
     log.info("shutting down")
-    server.shutdown()
-    server.server_close()
+    endpoint.close()
     exporter.close()
     return 0
 

@@ -1,10 +1,10 @@
 """Which ugro package may import which, read from the source with ``ast`` (ARCHITECTURE.md).
 
-* ``ugro.trainer`` runs inside every training process and ``ugro.exporter`` on every node,
-  hosts that may have nothing else of ugro's dependencies: neither imports another ugro
-  package, except the modules of ``ugro.common`` that themselves import only the standard
-  library (``ugro.common.messages``). A module of ugro.common that needs a third-party package
-  (``config_files`` needs PyYAML) stays out of their reach.
+* ``ugro.trainer`` runs inside every training process and ``ugro.exporter`` on every node:
+  neither imports another ugro package, except the modules of ``ugro.common`` that themselves
+  import only the standard library and the few packages an endpoint needs on every node
+  (``NODE_PACKAGES``: prometheus_client to serve, PyYAML and bcrypt to read a web
+  configuration). A module of ugro.common that needs anything else stays out of their reach.
 * ``ugro.exporter`` never imports torch: it starts in well under a second on hosts without it.
 * No shipped module imports a ``__main__`` module: a ``__main__`` only calls ``main()`` from a
   module of its own package, so importing a function never runs, or depends on, an entry point.
@@ -34,6 +34,7 @@ PACKAGE_DIRS: dict[str, pathlib.Path] = {
     ].items()
 }
 ISOLATED = ("ugro.trainer", "ugro.exporter")
+NODE_PACKAGES = {"prometheus_client", "yaml", "bcrypt"}
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,35 @@ def within(target: str, package: str) -> bool:
     return target == package or target.startswith(package + ".")
 
 
+def beyond_a_node(target: str) -> bool:
+    """Whether importing ``target`` needs a package that a node may not have (ugro's own
+    modules are judged by what they import)."""
+    top = target.split(".")[0]
+    return top not in (*sys.stdlib_module_names, *NODE_PACKAGES, "ugro")
+
+
 def dependency_free_common_modules() -> set[str]:
-    """The modules of ugro.common that import nothing but the standard library."""
-    free = set()
-    for name, path in modules("ugro.common").items():
-        targets = [found.target for found in imports(name, path)]
-        if all(target.split(".")[0] in sys.stdlib_module_names for target in targets):
-            free.add(name)
-    return free
+    """The modules of ugro.common that import nothing but the standard library, NODE_PACKAGES
+    and other such modules of ugro.common."""
+    targets = {
+        name: {found.target for found in imports(name, path)}
+        for name, path in modules("ugro.common").items()
+    }
+
+    free = {name for name, found in targets.items() if not any(map(beyond_a_node, found))}
+    # A module importing a ugro.common module is free only while that module is (a fixpoint).
+    while True:
+        kept = {
+            name
+            for name in free
+            if all(
+                target in free or target.rpartition(".")[0] in free or not within(target, "ugro")
+                for target in targets[name]
+            )
+        }
+        if kept == free:
+            return free
+        free = kept
 
 
 def test_the_package_map_names_the_isolated_packages() -> None:
@@ -113,7 +135,13 @@ def test_the_dependency_free_common_modules_are_found() -> None:
     # The rule below would otherwise pass by allowing nothing, or everything.
     free = dependency_free_common_modules()
     assert "ugro.common.messages" in free
-    assert "ugro.common.config_files" not in free  # it needs PyYAML
+    assert "ugro.common.web_config" in free  # PyYAML, bcrypt and ugro.common.config_files
+    assert [beyond_a_node(name) for name in ("fabric", "rich.table", "torch", "os.path")] == [
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 def allowed_from_elsewhere(target: str, free: set[str]) -> bool:

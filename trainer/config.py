@@ -13,7 +13,9 @@ per token or per sample (one of the two), ``UGRO_PEAK_FLOPS`` the device's peak 
 built-in table (``ugro.trainer.flops``) does not know it, and ``UGRO_TRAIN_DTYPE`` (bf16 by
 default; fp16, tf32, fp32) which of the table's peaks applies. torchrun's
 ``TORCHELASTIC_RESTART_COUNT`` says how often it had restarted the workers before this one
-started (``ugro_train_restarts``). Every bad value is
+started (``ugro_train_restarts``). ``UGRO_WEB_CONFIG`` names a web configuration file (the
+format of Prometheus's ``--web.config.file``: TLS, client certificates, basic auth) for the
+rank's ``/metrics``; without it the endpoint is plain HTTP. Every bad value is
 rejected here, before the first training step, with an error that names the variable and what
 was expected.
 """
@@ -30,6 +32,7 @@ from typing import Literal
 # Dependency-free modules of ugro.common: the trainer imports nothing else of ugro's.
 from ugro.common.identifiers import JOB_ID
 from ugro.common.ports import DEFAULT_METRICS_BASE_PORT
+from ugro.common.web_config import WebConfig, WebConfigError, load_web_config
 
 from .flops import positive_flops, train_dtype_name
 
@@ -78,6 +81,8 @@ class TelemetryConfig:
     train_dtype: str = "bf16"  # which peak of the table applies
     # How often torchrun had restarted the workers before this incarnation started.
     restart_count: int = 0
+    # TLS and basic auth for /metrics (UGRO_WEB_CONFIG); None serves plain HTTP.
+    web_config: WebConfig | None = None
 
     @property
     def metrics_port(self) -> int:
@@ -106,6 +111,7 @@ class TelemetryConfig:
         flops_per_sample: float | None = None,
         peak_flops: float | None = None,
         train_dtype: str | None = None,
+        web_config: str | os.PathLike[str] | None = None,
     ) -> TelemetryConfig:
         """Build the config: each explicit argument wins over its environment variable."""
         env = os.environ if env is None else env
@@ -222,6 +228,20 @@ class TelemetryConfig:
                 f"{timeout_source}={raw_timeout!r}: expected seconds from 0 to 3600"
             )
 
+        web_config_source, web_config_path = (
+            ("web_config", web_config)
+            if web_config is not None
+            else ("UGRO_WEB_CONFIG", env.get("UGRO_WEB_CONFIG") or None)
+        )
+        try:
+            resolved_web_config = (
+                None if web_config_path is None else load_web_config(web_config_path)
+            )
+        except WebConfigError as error:
+            # Serving plain HTTP where TLS or a password was asked for would leak what the
+            # file was written to protect: the rank stops, naming the field.
+            raise TelemetryConfigError(f"{web_config_source}: {error}") from None
+
         registered = env.get("UGRO_REGISTERED_TARGET", "0").strip().lower()
         if registered not in ("0", "1", "true", "false", ""):
             raise TelemetryConfigError(
@@ -288,4 +308,5 @@ class TelemetryConfig:
             peak_flops=resolved_peak,
             train_dtype=resolved_dtype,
             restart_count=resolved_restart_count,
+            web_config=resolved_web_config,
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import os
 import socket
 import sys
 import threading
@@ -51,6 +52,7 @@ from ugro.common.phases import (
     STARTUP,
     STEP,
 )
+from ugro.common.ports import host_port
 
 from .config import TelemetryConfig
 from .device_values import (
@@ -103,7 +105,9 @@ class Telemetry:
     ``ugro_train_model_flops_total``. ``peak_flops`` gives the device's peak FLOP/s where the
     table there does not know the GPU (or to override it), ``train_dtype`` which of its peaks
     applies (bf16 by default). ``cuda_memory_stats`` replaces ``torch.cuda.memory_stats`` as the
-    source of the allocator series (for tests).
+    source of the allocator series (for tests). ``web_config`` (or ``UGRO_WEB_CONFIG``) names a
+    web configuration file, as Prometheus's ``--web.config.file`` reads it, for TLS, client
+    certificates and basic auth on ``/metrics``.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class Telemetry:
         flops_per_sample: float | None = None,
         peak_flops: float | None = None,
         train_dtype: Any = None,
+        web_config: str | os.PathLike[str] | None = None,
         device: Any = None,
         registry: CollectorRegistry | None = None,
         serve: bool = True,
@@ -148,6 +153,7 @@ class Telemetry:
             flops_per_sample=flops_per_sample,
             peak_flops=peak_flops,
             train_dtype=None if train_dtype is None else str(train_dtype),
+            web_config=web_config,
         )
         self._lock = threading.Lock()
         # Scrapes served so far and when (monotonic): close() waits for one more.
@@ -551,10 +557,10 @@ class Telemetry:
         """Where this rank's ``/metrics`` is served, or None when it is not."""
         if self.server is None:
             return None
-        host = self.server.address
+        host = self.server.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostname()
-        return f"http://{host}:{self.server.port}/metrics"
+        return f"{self.server.scheme}://{host_port(host, self.server.port)}/metrics"
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -562,7 +568,11 @@ class Telemetry:
         config = self.config
         try:
             self.server = serve_metrics(
-                self.registry, config.bind_address, config.metrics_port, config.rank
+                self.registry,
+                config.bind_address,
+                config.metrics_port,
+                config.rank,
+                config.web_config,
             )
         except MetricsServerError as error:
             if config.on_port_taken == "fail":
