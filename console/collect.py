@@ -97,6 +97,9 @@ from .servers import Prometheus
 _RECORD_MARGIN_SECONDS = 3600.0
 
 
+_TOKENS_IN_WINDOW = "(ugro_train_tokens_total{$sel} - ugro_train_tokens_total{$sel} offset $rw)"
+
+
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
@@ -160,10 +163,12 @@ def collect(
         # The tokens counted in the window over its length, from two plain samples, not
         # rate(): a store that speaks MetricsQL computes rate() (and deriv()) differently (no
         # extrapolation to the window's edges, the sample before the window counted), and the
-        # report must say the same wherever the series are kept (docs/remote-write.md).
+        # report must say the same wherever the series are kept (docs/remote-write.md). Across
+        # a counter reset (a rank relaunched under the same labels) the difference is negative:
+        # there the count since the reset is what the window holds.
         tokens_rate=curves_of(
-            "sum by (rank) (ugro_train_tokens_total{$sel}"
-            f" - ugro_train_tokens_total{{$sel}} offset $rw) / {window:.0f}"
+            f"sum by (rank) ({_TOKENS_IN_WINDOW} >= 0"
+            f" or (ugro_train_tokens_total{{$sel}} and {_TOKENS_IN_WINDOW} < 0)) / {window:.0f}"
         ),
     )
     _fill_losses(q, ranks, curves, start)

@@ -243,6 +243,9 @@ class LocalStack:
                 f"--storage.tsdb.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
                 "--web.enable-lifecycle",
+                # A restarted Prometheus resumes alerts' `for:` (docker-compose.yml says why);
+                # the demo's shortest `for:` is 10 s.
+                "--rules.alert.for-grace-period=10s",
             ],
             directory / "prometheus.log",
             f"{self.prometheus_url}/-/ready",
