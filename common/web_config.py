@@ -146,6 +146,8 @@ class _Fields:
         self.path = path
 
     def error(self, where: str, problem: str) -> WebConfigError:
+        # A field name comes from the file: its control characters must not reach a terminal.
+        where = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in where)
         return WebConfigError(f"{self.path}: {where + ': ' if where else ''}{problem}")
 
     def mapping(

@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.path.ismount(mount):
                 raise UsageError(f"--mounts: {mount!r} is not a mount point on this host")
         parse_gpu_jobs_dir(args.gpu_jobs_dir)
-        web_config = None if args.once else load_web_config_flag(args.web_config_file)
+        web_config = load_web_config_flag(args.web_config_file)  # checked for --once too
     except UsageError as error:
         print(f"ugro-exporter: {error}", file=sys.stderr)
         return EXIT_USAGE

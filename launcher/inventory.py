@@ -34,6 +34,7 @@ HOST = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.:-]{0,252}|::[A-Fa-f0-9.:]{0,250})
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+WEB_CONFIG_ENV = "UGRO_WEB_CONFIG"  # how a rank is told its web configuration
 
 
 class InventoryError(ValueError):
@@ -48,6 +49,10 @@ class Node:
     user: str | None
     identity_file: str | None
     gpus: int | None  # None: not declared, so preflight does not check it
+    # The web configuration (TLS, client certificates, basic auth) of the node's endpoints, a
+    # path on the node: the ranks get it as UGRO_WEB_CONFIG, an exporter the launcher starts as
+    # --web.config.file, and preflight checks it there. None: plain HTTP.
+    web_config: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -67,6 +72,7 @@ class Defaults:
     # relative paths and local imports. None: the SSH login directory (localhost: the
     # directory ugro-launch runs in).
     chdir: str | None = None
+    web_config: str | None = None  # every node's, unless a node names its own (see Node)
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,7 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
         data,
         {
             "python", "workdir", "exporter_port", "metrics_base_port", "env", "user",
-            "ssh_port", "identity_file", "min_free_disk_gb", "chdir",
+            "ssh_port", "identity_file", "min_free_disk_gb", "chdir", "web_config",
         },
     )  # fmt: skip
     env = fields.data.get("env", {})
@@ -218,6 +224,13 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
     for name, value in env.items():
         if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
             raise InventoryError(f"{path}: defaults.env: {name!r} is not an environment name")
+        if name == WEB_CONFIG_ENV:
+            # Set here, it would reach the ranks unchecked and the exporters not at all.
+            raise InventoryError(
+                f"{path}: defaults.env.{name}: not here: name the file as defaults.web_config "
+                "(or nodes[].web_config), which preflight checks on every node and which the "
+                "exporters get too"
+            )
         if not isinstance(value, str | int | float) or "\n" in str(value):
             raise InventoryError(f"{path}: defaults.env.{name}: expected a one-line value")
     min_free_gb = fields.integer("min_free_disk_gb", 0, 1_000_000, 1)
@@ -229,6 +242,7 @@ def _load_defaults(path: pathlib.Path, data: Any) -> Defaults:
         min_free_disk_bytes=min_free_gb * 1024**3,
         env={str(k): str(v) for k, v in env.items()},
         chdir=fields.path_text("chdir", None),
+        web_config=_web_config_path(fields, None),
     )
 
 
@@ -244,10 +258,22 @@ def _python_path(fields: _Fields) -> str:
     return python
 
 
+def _web_config_path(fields: _Fields, default: str | None) -> str | None:
+    web_config = fields.path_text("web_config", default)
+    if web_config is not None and web_config.startswith("~"):
+        # It reaches the ranks as an environment value, where nothing expands ~.
+        raise InventoryError(
+            f"{fields.path}: {fields.where}.web_config: expected an absolute path, got "
+            f"{shown(web_config)}: ~ is not expanded there; write the full path, e.g. "
+            "/etc/ugro/web-config.yml"
+        )
+    return web_config
+
+
 def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str, Any]) -> Node:
     where = f"nodes[{index}]"
     fields = _Fields(path, where, data, {"name", "host", "ssh_port", "user", "identity_file",
-                                         "gpus"})  # fmt: skip
+                                         "gpus", "web_config"})  # fmt: skip
     name = fields.text("name", NODE_NAME, "a node name of letters, digits, '.', '_' or '-'")
     inherited = _Fields(path, "defaults", defaults, set(defaults))
     return Node(
@@ -259,6 +285,7 @@ def _load_node(path: pathlib.Path, index: int, data: Any, defaults: Mapping[str,
         user=fields.text("user", USER, "a user name", inherited.text("user", USER, "a user", None)),
         identity_file=fields.path_text("identity_file", inherited.path_text("identity_file", None)),
         gpus=fields.integer("gpus", 0, 64, None),
+        web_config=_web_config_path(fields, _web_config_path(inherited, None)),
     )
 
 

@@ -83,6 +83,7 @@ class JobPlan:
             node.name,
             self.inventory.defaults.metrics_base_port,
             self.inventory.defaults.env,
+            node.web_config,
         )
 
 
@@ -117,6 +118,8 @@ def preflight(plan: JobPlan, nodes: NodeSet) -> dict[str, dict[str, Any] | Excep
             args.append(f"--chdir={plan.chdir}")
         if node.gpus is not None:
             args.append(f"--gpus={node.gpus}")
+        if node.web_config is not None:
+            args.append(f"--web-config={node.web_config}")
         return nodes.agent(node, "preflight", *args, timeout=60)
 
     return nodes.each(check)
@@ -200,7 +203,7 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
     with nodes:
         began = time.perf_counter()
         try:
-            _prepare(plan, nodes, say)
+            record.metrics_scheme = _prepare(plan, nodes, say)
         except BaseException:  # nothing of the job was started yet (exporters are the node's)
             record.delete()
             raise
@@ -223,14 +226,16 @@ def launch(plan: JobPlan, options: SshOptions, say: Print) -> records.JobRecord:
     return record
 
 
-def _prepare(plan: JobPlan, nodes: NodeSet, say: Print) -> None:
-    """Preflight every node, then make sure its exporter runs; LaunchError names the nodes."""
+def _prepare(plan: JobPlan, nodes: NodeSet, say: Print) -> str:
+    """Preflight every node, then make sure its exporter runs; LaunchError names the nodes.
+    Returns the scheme the job's endpoints serve ("https" or "http")."""
     began = time.perf_counter()
     checks = preflight(plan, nodes)
     say(preflight_table(checks, list(plan.nodes)))
     bad = failed_nodes(checks)
     if bad:
         raise LaunchError(f"preflight failed on {', '.join(bad)}: nothing was started")
+    scheme = one_scheme(checks, list(plan.nodes))
     preflight_done = time.perf_counter()
     exporters = nodes.each(lambda node: _ensure_exporter(plan, nodes, node))
     problems = {name: r for name, r in exporters.items() if isinstance(r, Exception)}
@@ -240,6 +245,26 @@ def _prepare(plan: JobPlan, nodes: NodeSet, say: Print) -> None:
         f"preflight {preflight_done - began:.1f} s, "
         f"exporters {time.perf_counter() - preflight_done:.1f} s"
     )
+    return scheme
+
+
+def one_scheme(checks: dict[str, dict[str, Any] | Exception], nodes: list[Node]) -> str:
+    """The scheme every node's endpoints serve, as preflight found their web configuration;
+    LaunchError if they differ: Prometheus scrapes all of a job's ranks (and all exporters)
+    in one scrape job, with one scheme."""
+    schemes: dict[str, list[str]] = {}
+    for node in nodes:
+        check = checks[node.name]
+        scheme = (check.get("metrics_scheme") if isinstance(check, dict) else None) or "http"
+        schemes.setdefault(scheme, []).append(node.name)
+    if len(schemes) > 1:
+        serving = "; ".join(f"{scheme} on {', '.join(names)}" for scheme, names in schemes.items())
+        raise LaunchError(
+            f"the nodes' endpoints would not serve one scheme ({serving}): Prometheus scrapes "
+            "them with one; give every node a web_config with tls_server_config, or none of "
+            "them: nothing was started"
+        )
+    return next(iter(schemes))
 
 
 def _start_everywhere(
@@ -301,6 +326,7 @@ def _ensure_exporter(plan: JobPlan, nodes: NodeSet, node: Node) -> dict[str, Any
         f"--port={plan.inventory.defaults.exporter_port}",
         f"--node={node.name}",
         f"--workdir={plan.inventory.defaults.workdir}",
+        *([f"--web-config={node.web_config}"] if node.web_config is not None else []),
     )
     if answer.get("state") not in ("running", "started"):
         raise AgentError(f"{node.name}: {answer.get('reason', answer)}")

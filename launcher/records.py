@@ -75,6 +75,9 @@ class JobRecord:
     # `nodes` above stays empty until the allocation starts; then it names the allocation's
     # nodes in node-rank order, and access.nodes holds each one's address.
     slurm: dict[str, Any] | None = None
+    # "https" or "http": how the job's endpoints serve, as its nodes' web configuration says
+    # (preflight reads it there). None: not known (a Slurm job, or a record from before).
+    metrics_scheme: str | None = None
 
     @property
     def path(self) -> pathlib.Path:
@@ -198,6 +201,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "known_hosts": ((str, type(None)), "a path or null"),
     "access": ((dict, type(None)), "a mapping or null"),
     "slurm": ((dict, type(None)), "a mapping or null"),
+    "metrics_scheme": ((str, type(None)), '"https", "http" or null'),
 }
 _OPTIONAL_TEXT = ((str, type(None)), "a string or null")
 _ACCESS = {
@@ -251,6 +255,11 @@ def record_from_text(path: pathlib.Path, text: str) -> JobRecord:
     if data["state"] not in STATES:
         raise RecordError(
             f"{where}state: expected one of {', '.join(STATES)}, got {shown(data['state'])}"
+        )
+    if data.get("metrics_scheme") not in (None, "http", "https"):
+        raise RecordError(
+            f'{where}metrics_scheme: expected "https", "http" or null, '
+            f"got {shown(data['metrics_scheme'])}"
         )
     if data["nproc_per_node"] < 1:
         raise RecordError(f"{where}nproc_per_node: expected an integer >= 1")

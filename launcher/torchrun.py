@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from .inventory import WEB_CONFIG_ENV
+
 
 def torchrun_argv(
     python: str,
@@ -31,9 +33,17 @@ def torchrun_argv(
 
 
 def job_environment(
-    job_id: str, node: str, metrics_base_port: int, extra: Mapping[str, str]
+    job_id: str,
+    node: str,
+    metrics_base_port: int,
+    extra: Mapping[str, str],
+    web_config: str | None = None,
 ) -> dict[str, str]:
-    """What torchrun and every rank get on top of the node's environment."""
+    """What torchrun and every rank get on top of the node's environment.
+
+    ``web_config`` is the path of the node's web configuration file: a path only, never what it
+    holds, so that no key or password hash shows in any process's environment or command line.
+    """
     return {
         # The ranks write to a log file, where Python would block-buffer a script's progress
         # lines for minutes; the inventory's env may say otherwise.
@@ -45,4 +55,5 @@ def job_environment(
         "UGRO_JOB_ID": job_id,
         "UGRO_NODE": node,
         "UGRO_METRICS_PORT": str(metrics_base_port),
+        **({WEB_CONFIG_ENV: web_config} if web_config is not None else {}),
     }

@@ -1,7 +1,9 @@
 """The node side of ``ugro-launch``: every remote action is one run of this package.
 
-    <python> -m ugro.launcher.agent preflight --workdir W --ports 9500,9501,9490 [--gpus N]
-    <python> -m ugro.launcher.agent ensure-exporter --port P --node NAME --workdir W
+    <python> -m ugro.launcher.agent preflight --workdir W --ports 9500,9501,9490 [--gpus N] \
+        [--web-config FILE]
+    <python> -m ugro.launcher.agent ensure-exporter --port P --node NAME --workdir W \
+        [--web-config FILE]
     <python> -m ugro.launcher.agent stop-exporter --node NAME --workdir W
     <python> -m ugro.launcher.agent start --job-id J --node NAME --workdir W [--env K=V] -- ARGV...
     <python> -m ugro.launcher.agent status|stop|logs --job-id J --node NAME --workdir W
@@ -18,6 +20,9 @@ without hitting the supervisor, which then records the exit status. torchrun put
 worker in a session of its own, so every job process also carries ``UGRO_AGENT_JOB_DIR`` in
 its environment, by which ``stop`` finds and kills what SIGTERM left. Nothing is tied to the
 SSH session: it may close as soon as ``start`` has answered.
+A web configuration (TLS, basic auth) travels as its path only (``--web-config``, the ranks'
+``UGRO_WEB_CONFIG``, the exporter's ``--web.config.file``): the file stays on the node, so no
+key or password hash shows on a command line or in an environment.
 See :mod:`ugro.launcher.jobfiles` for the files of a job.
 
 Modules: ``cli`` (arguments, one verb, one JSON line), ``preflight``, ``exporter``

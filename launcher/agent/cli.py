@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--min-free-bytes", type=_non_negative_int, default=0, metavar="BYTES")
     sub.add_argument("--bind-address", type=_address, default="0.0.0.0")
     sub.add_argument("--chdir", help="the job's working directory: must exist")
+    sub.add_argument("--web-config", help="the endpoints' web configuration file: checked")
 
     sub = verbs.add_parser("ensure-exporter", help="start ugro-exporter unless it runs")
     sub.add_argument("--port", required=True, type=_port)
     sub.add_argument("--node", required=True, type=_name("node name"))
     sub.add_argument("--workdir", required=True, help="its log goes to WORKDIR/exporter/NODE.log")
     sub.add_argument("--listen-address", type=_address, default="0.0.0.0")
+    sub.add_argument("--web-config", help="started with --web.config.file WEB_CONFIG")
 
     sub = verbs.add_parser("stop-exporter", help="stop the exporter ensure-exporter started")
     sub.add_argument("--node", required=True, type=_name("node name"))
@@ -198,9 +200,12 @@ def _run_verb(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             min_free_bytes=args.min_free_bytes,
             bind_address=args.bind_address,
             chdir=args.chdir,
+            web_config=args.web_config,
         )
     if args.verb == "ensure-exporter":
-        return ensure_exporter(args.port, args.node, args.workdir, args.listen_address)
+        return ensure_exporter(
+            args.port, args.node, args.workdir, args.listen_address, args.web_config
+        )
     if args.verb == "stop-exporter":
         return stop_exporter(args.node, args.workdir)
     directory = job_dir(args.workdir, args.job_id, args.node)

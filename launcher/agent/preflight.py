@@ -11,11 +11,14 @@ import errno
 import os
 import pathlib
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
+
+from ugro.common.web_config import WebConfig, WebConfigError, load_web_config
 
 from .. import jobfiles
 from ..jobfiles import UnsafePath
@@ -31,6 +34,7 @@ def preflight(
     min_free_bytes: int = 0,
     bind_address: str = "0.0.0.0",
     chdir: str | None = None,
+    web_config: str | None = None,
 ) -> dict[str, Any]:
     """Can this node run a job? Facts, ``problems`` (sentences, empty when all is well) and
     ``warnings`` (sentences about what will not work here, which do not stop a launch)."""
@@ -38,6 +42,11 @@ def preflight(
     warnings: list[str] = []
     if chdir is not None and not os.path.isdir(os.path.expanduser(chdir)):
         problems.append(f"the job's directory {chdir} (chdir) does not exist here")
+    scheme: str | None = None
+    if web_config is not None:
+        loaded, web_config_problems = check_web_config(web_config)
+        problems += web_config_problems
+        scheme = None if loaded is None else loaded.scheme
     directory = pathlib.Path(workdir).expanduser()
 
     torch_version = _distribution_version("torch")
@@ -94,9 +103,40 @@ def preflight(
         "ports_taken": ports_taken,
         "workdir": str(directory),
         "workdir_free_bytes": free_bytes,
+        "metrics_scheme": scheme,  # as the web configuration says; None: not checked
         "problems": problems,
         "warnings": warnings,
     }
+
+
+def check_web_config(path: str) -> tuple[WebConfig | None, list[str]]:
+    """The node's web configuration, loaded as the ranks and the exporter will load it, and
+    the problems with it (sentences naming the file and the field).
+
+    It and the private key it names must be the user's alone: the file holds the password
+    hashes, and a key that others can read lets them pose as this node's endpoints.
+    """
+    try:
+        loaded = load_web_config(path)
+    except WebConfigError as error:
+        return None, [f"web_config: {error}"]
+    private = [(pathlib.Path(path), "")]
+    if loaded.tls is not None:
+        private.append((loaded.tls.key_file, "tls_server_config.key_file "))
+    problems = []
+    for file, field in private:
+        what = f"web_config: {path}" + (f": {field}{file}" if field else "")
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+        except OSError as error:  # removed since it was read
+            problems.append(f"{what}: {error.strerror}")
+            continue
+        if mode & 0o077:
+            problems.append(
+                f"{what} has mode {mode:04o}, open to group or others; it must be its "
+                f"owner's alone: chmod 600 {file}"
+            )
+    return loaded, problems
 
 
 def _distribution_version(name: str) -> str | None:

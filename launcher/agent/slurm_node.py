@@ -4,7 +4,7 @@
 ``ugro-launch`` submits::
 
     <python> -m ugro.launcher.agent.slurm_node --job-id J --nproc-per-node N --rdzv-port P \\
-        --metrics-base-port B [--chdir DIR] [--env K=V ...] -- COMMAND...
+        --metrics-base-port B [--chdir DIR] [--web-config FILE] [--env K=V ...] -- COMMAND...
 
 The node's rank is Slurm's node id (``SLURM_NODEID``: the allocation's nodes in order, the
 order in which ``ugro-launch`` registers the ranks with Prometheus) and the rendezvous runs
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from ..slurm import SlurmError, expand_hostlist, node_addresses
 from ..torchrun import job_environment, torchrun_argv
+from .preflight import check_web_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--rdzv-port", type=int, required=True)
     parser.add_argument("--metrics-base-port", type=int, required=True)
     parser.add_argument("--chdir")
+    parser.add_argument("--web-config", help="the node's web configuration file (a path)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     return parser
@@ -38,6 +41,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.web_config is not None:
+        # As preflight checks it on an SSH launch's nodes: here, before any rank starts.
+        problems = check_web_config(args.web_config)[1]
+        for problem in problems:
+            here = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+            print(f"ugro: {here}: {problem}", file=sys.stderr)
+        if problems:
+            return 2
     try:
         node_rank = int(os.environ["SLURM_NODEID"])
         nnodes = int(os.environ["SLURM_JOB_NUM_NODES"])
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = dict(item.split("=", 1) for item in args.env)
     environment = {
         **os.environ,
-        **job_environment(args.job_id, node, args.metrics_base_port, extra),
+        **job_environment(args.job_id, node, args.metrics_base_port, extra, args.web_config),
     }
     if args.chdir:
         try:

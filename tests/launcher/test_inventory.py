@@ -226,3 +226,61 @@ def test_a_bad_slurm_section_names_its_field(tmp_path, section, expected):
     data = {"prometheus": {"targets_dir": "/srv/targets"}, "slurm": section}
     with pytest.raises(InventoryError, match=re.escape(expected)):
         load_inventory(write(tmp_path, data))
+
+
+def test_the_web_config_is_every_nodes_unless_a_node_names_its_own(tmp_path):
+    example = load_inventory(EXAMPLE)
+    assert example.defaults.web_config == "/etc/ugro/web-config.yml"
+    assert [node.web_config for node in example.nodes] == [
+        "/etc/ugro/web-config.yml", "/etc/ugro/web-config.yml", "/opt/ugro/web-config.yml",
+    ]  # fmt: skip
+    assert load_inventory(SLURM_EXAMPLE).defaults.web_config == "/etc/ugro/web-config.yml"
+    plain = load_inventory(write(tmp_path, minimal()))
+    assert plain.defaults.web_config is None
+    assert {node.web_config for node in plain.nodes} == {None}
+
+
+def test_the_ranks_get_the_web_config_path_and_nothing_else_of_it(tmp_path):
+    from ugro.launcher.agent.slurm_node import parser
+    from ugro.launcher.launch import JobPlan
+    from ugro.launcher.torchrun import job_environment
+
+    nodes = [{"name": "gpu-a", "host": "10.0.0.11", "web_config": "/srv/a/web.yml"},
+             {"name": "gpu-b", "host": "10.0.0.12"}]  # fmt: skip
+    data = minimal(defaults={"web_config": "/etc/ugro/web.yml"}, nodes=nodes)
+    inventory = load_inventory(write(tmp_path, data))
+    plan = JobPlan("j", inventory, inventory.nodes, 1, ("train.py",), 29500)
+    assert plan.environment(inventory.nodes[0])["UGRO_WEB_CONFIG"] == "/srv/a/web.yml"
+    assert plan.environment(inventory.nodes[1])["UGRO_WEB_CONFIG"] == "/etc/ugro/web.yml"
+    assert "UGRO_WEB_CONFIG" not in job_environment("j", "n", 9500, {})
+    # A Slurm node's agent is told the path the same way, and gives the ranks the same.
+    args = parser().parse_args(
+        ["--job-id=j", "--nproc-per-node=1", "--rdzv-port=1", "--metrics-base-port=9500",
+         "--web-config=/etc/ugro/web.yml", "--", "train.py"]
+    )  # fmt: skip
+    environment = job_environment("j", "n", 9500, {}, args.web_config)
+    assert environment["UGRO_WEB_CONFIG"] == "/etc/ugro/web.yml"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (minimal(defaults={"web_config": "web.yml"}),
+         "defaults.web_config: expected an absolute path of plain characters, got 'web.yml'"),
+        (minimal(defaults={"web_config": "~/web.yml"}),
+         "defaults.web_config: expected an absolute path, got '~/web.yml': ~ is not expanded"),
+        (minimal(defaults={"web_config": 7}), "defaults.web_config: expected an absolute path"),
+        (minimal(nodes=[{"name": "a", "host": "h", "web_config": "/etc/$(id)"}]),
+         "nodes[0].web_config: expected an absolute path of plain characters"),
+        (minimal(nodes=[{"name": "a", "host": "h", "web_config": "~/w.yml"}]),
+         "nodes[0].web_config: expected an absolute path, got '~/w.yml'"),
+        (minimal(defaults={"env": {"UGRO_WEB_CONFIG": "/etc/ugro/web.yml"}}),
+         "defaults.env.UGRO_WEB_CONFIG: not here: name the file as defaults.web_config"),
+    ],
+)  # fmt: skip
+def test_a_bad_web_config_path_names_its_field(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(InventoryError) as error:
+        load_inventory(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
