@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python benchmarks/trainer_overhead.py
 	$(BIN)/python benchmarks/integration_overhead.py
 	$(BIN)/python benchmarks/exporter_scrape.py
+	$(BIN)/python benchmarks/endpoint_security.py
 	$(BIN)/python benchmarks/alert_latency.py
 	$(BIN)/python benchmarks/launch_scaling.py
 

@@ -26,8 +26,17 @@ within these bounds:
   byte in, or none of the response taken) is dropped sooner.
 * The request line may hold ``MAX_REQUEST_LINE_BYTES`` (a longer one gets 414) and the whole
   request head ``MAX_REQUEST_HEAD_BYTES`` (more gets 431); a body is never read.
+* With basic auth, one bcrypt runs at a time (a tenth of a second at cost 10, over a second at
+  14).
+  Credentials that passed before skip the queue of unknown ones (a scraper waits for one bcrypt
+  at most, however many wrong passwords arrive); at most ``MAX_WAITING_PASSWORD_CHECKS``
+  unknown ones wait, more get 503 at once, so wrong passwords cannot take every thread.
+  ``close()`` skips the checks not begun and waits for the one in progress: an interpreter that
+  exits while a thread is inside bcrypt can abort.
 * Plain HTTP sent to a TLS endpoint gets a one-line 400 in plain text (what Go's servers answer,
-  so ``curl`` says why); a TLS handshake sent to a plain endpoint is closed at once.
+  so ``curl`` says why); a TLS handshake sent to a plain endpoint is closed at once. After an
+  error answer or a refused client certificate, what the client still sends is read (a bounded
+  amount) before closing, so that it gets the 4xx or the TLS alert saying why, not a reset.
 
 A scrape needs none of this, so none of it touches Prometheus. Whatever a client does is counted
 (:class:`EndpointCounts`) and logged at debug level, never raised: the endpoint lives inside a
@@ -36,7 +45,9 @@ training process.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import http.client
 import logging
 import socket
@@ -61,6 +72,12 @@ REQUEST_DEADLINE_SECONDS = 10.0
 IDLE_SECONDS = 5.0
 # How long close() lets responses being written finish.
 CLOSE_WAIT_SECONDS = 2.0
+# Password checks of unknown credentials that may wait for the one being made (one bcrypt at a
+# time); more get 503 at once rather than a thread each.
+MAX_WAITING_PASSWORD_CHECKS = 4
+# How long close() waits, after cutting every connection, for a password check in progress (a
+# bcrypt of cost 14 takes one to two seconds): a process must not exit in the middle of one.
+_CHECK_END_SECONDS = 5.0
 # A scrape's request head is a few hundred bytes (a basic-auth header included); these leave
 # room for any real client and keep what a hostile one makes the process hold small.
 MAX_REQUEST_LINE_BYTES = 8 * 1024
@@ -68,8 +85,8 @@ MAX_REQUEST_HEAD_BYTES = 16 * 1024
 # Connections the kernel queues before accept(): a flood of connects must not make the
 # kernel drop a scraper's SYN (its retry comes a second later).
 LISTEN_BACKLOG = 128
-# After an error answer, how much of the rest of a request is read and dropped, so that the
-# client sees the answer rather than a reset (Go's servers read up to 256 KiB too).
+# After an error answer or a refused handshake, how much of what the client still sends is read
+# and dropped, so that it sees the answer rather than a reset (Go's servers read 256 KiB too).
 _DRAIN_BYTES = 256 * 1024
 _DRAIN_IDLE_SECONDS = 1.0
 # What Go's HTTP servers answer to plain HTTP on a TLS port.
@@ -78,6 +95,7 @@ _PLAIN_HTTP_TO_TLS = (
     b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 )
 _TLS_HANDSHAKE_RECORD = 0x16
+_SLOT_KEY = "ugro.endpoint.slot"  # the WSGI environ's key for the connection's _Slot
 
 log = logging.getLogger("ugro.metrics_endpoint")
 
@@ -89,7 +107,8 @@ class EndpointCounts:
     """What clients did that was refused or failed; for logs and tests."""
 
     answered: int = 0
-    refused_busy: int = 0  # closed at accept: MAX_THREADS threads were running
+    # closed at accept (MAX_THREADS threads ran), or 503 (MAX_WAITING_PASSWORD_CHECKS waited)
+    refused_busy: int = 0
     evicted: int = 0  # cut to make room for a newer connection (all slots were taken)
     cut_at_deadline: int = 0
     failed_handshakes: int = 0  # no TLS, a wrong or missing client certificate, a silent client
@@ -112,6 +131,17 @@ class _Slot:
     deadline: float  # monotonic
     answering: bool = False  # its request head is read: a response is being made
     cut: str | None = None  # why it was cut (an EndpointCounts field), once it was
+
+
+def _drain(connection: socket.socket) -> None:
+    """End our side, then read and drop what the client still sends (a bounded amount):
+    closing with bytes unread sends a reset, which can overtake the last answer."""
+    with contextlib.suppress(OSError, ValueError):
+        connection.shutdown(socket.SHUT_WR)  # a TLS socket: its raw socket from here
+        connection.settimeout(_DRAIN_IDLE_SECONDS)
+        left = _DRAIN_BYTES
+        while left > 0 and (chunk := connection.recv(min(left, 65536))):
+            left -= len(chunk)
 
 
 class _DebugLog:
@@ -169,20 +199,18 @@ class _Handler(WSGIRequestHandler):
         handler.request_handler = self
         handler.run(self.server.get_app())
 
+    def get_environ(self) -> dict:
+        environ = super().get_environ()
+        environ[_SLOT_KEY] = self.slot
+        return environ
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         if self.slot.cut is not None:  # what it read was cut short, by the endpoint
             self.close_connection = True
             return
         self.server.counts.add("bad_requests")
         super().send_error(code, message, explain)
-        # Closing with the rest of the request unread would reset the connection, and the
-        # client would likely never see the error; take a bounded amount of it first.
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_DRAIN_IDLE_SECONDS)
-            left = _DRAIN_BYTES
-            while left > 0 and (chunk := self.connection.recv(min(left, 65536))):
-                left -= len(chunk)
+        _drain(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -208,6 +236,7 @@ class _Server(WSGIServer):
         self._slots: dict[_Slot, None] = {}  # connections not cut, oldest first
         self._threads = 0  # connection threads running, cut ones included
         self._closing = False
+        self.password_checks: _PasswordChecks | None = None
         super().__init__(address, _Handler)  # binds: OSError when the address is taken
         self._reaper = threading.Thread(target=self._reap, name="ugro-endpoint-reaper", daemon=True)
         self._reaper.start()
@@ -246,10 +275,14 @@ class _Server(WSGIServer):
                 name="ugro-endpoint-connection",
                 daemon=True,
             ).start()
-        except BaseException:  # no thread to free the slot: free it here
-            self.shutdown_request(request)
+        except BaseException:  # no thread to free the slot: free it here; the caller closes
             self._finished(slot)
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr here; the endpoint logs it at debug."""
+        self.counts.add("failed")
+        log.debug("taking the connection of %s failed", client_address, exc_info=True)
 
     def _cut(self, slot: _Slot, reason: str | None) -> None:
         """Wake ``slot``'s thread out of any read or write; call with the lock held."""
@@ -274,11 +307,18 @@ class _Server(WSGIServer):
                     request.recv(MAX_REQUEST_HEAD_BYTES)
                     request.sendall(_PLAIN_HTTP_TO_TLS)
                     return
+                connection = self.tls.wrap_socket(
+                    request, server_side=True, do_handshake_on_connect=False
+                )
                 try:
-                    connection = self.tls.wrap_socket(request, server_side=True)
+                    connection.do_handshake()
                 except (OSError, ValueError) as error:
                     if slot.cut is None:
                         self.counts.add("failed_handshakes")
+                    if slot.cut is None and not isinstance(error, TimeoutError):
+                        # A TLS 1.3 client sends its request right after its certificate:
+                        # unread, closing would reset the alert that says why away.
+                        _drain(connection)
                     log.debug("TLS handshake with %s failed: %s", client_address, error)
                     return
             elif first[0] == _TLS_HANDSHAKE_RECORD:
@@ -325,8 +365,12 @@ class _Server(WSGIServer):
             self._lock.wait_for(lambda: not self._slots, wait)
             for slot in list(self._slots):
                 self._cut(slot, None)
-            # their threads wake at once; a thread busy elsewhere (a bcrypt) is not waited for
-            self._lock.wait_for(lambda: not self._threads, 1.0)
+            if self.password_checks is not None:
+                self.password_checks.close()
+            # Their threads wake at once, but one may be in a bcrypt: Python 3.11 ends a daemon
+            # thread that comes back from C code while the interpreter exits, and bcrypt's Rust
+            # code aborts the process then (SIGABRT, seen here), so wait for it.
+            self._lock.wait_for(lambda: not self._threads, _CHECK_END_SECONDS)
         self._reaper.join(timeout=1)
         self.server_close()
 
@@ -369,7 +413,9 @@ def serve_registry(
     )[0]
     counts = EndpointCounts()
     server = _Server((sockaddr[0], port), family, web_config and web_config.ssl_context, counts)
-    server.set_app(_app(registry, web_config, counts))
+    if web_config and web_config.basic_auth_users:
+        server.password_checks = _PasswordChecks(BasicAuth(web_config.basic_auth_users))
+    server.set_app(_app(registry, web_config, server.password_checks, counts))
     thread = threading.Thread(target=server.serve_forever, name="ugro-metrics-endpoint",
                               daemon=True)  # fmt: skip
     thread.start()
@@ -377,26 +423,82 @@ def serve_registry(
     return MetricsEndpoint(host, server.server_port, scheme, counts, server, thread)
 
 
+class _PasswordChecks:
+    """Basic auth checks made so that wrong passwords cannot crowd a scraper out.
+
+    :class:`BasicAuth` makes one bcrypt at a time and remembers credentials that passed. Here
+    credentials not seen to pass before wait for their check behind a gate: at most
+    ``MAX_WAITING_PASSWORD_CHECKS`` of them (more are turned away at once, so a flood of wrong
+    passwords holds a handful of threads, not all of them), and only one inside ``BasicAuth``
+    at a time, so credentials that passed before (a scraper's, every scrape) wait for at most
+    one bcrypt. A check whose connection was cut, or that comes after ``close()``, is skipped.
+    What is remembered here only picks the way in; ``BasicAuth`` decides every time.
+    """
+
+    _KNOWN_SIZE = 16
+
+    def __init__(self, auth: BasicAuth) -> None:
+        self._auth = auth
+        self._gate = threading.Lock()
+        self._waiting = threading.BoundedSemaphore(MAX_WAITING_PASSWORD_CHECKS)
+        self._known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._closed = False
+
+    def allows(self, header: str | None, slot: _Slot | None) -> bool | None:
+        """Whether ``header`` holds a user's credentials; None: too many checks wait."""
+        key = hashlib.sha256((header or "").encode("utf-8", "surrogateescape")).digest()
+        if key in self._known:
+            return self._auth.allows(header)
+        if not self._waiting.acquire(blocking=False):
+            return None
+        try:
+            with self._gate:
+                if self._closed or (slot is not None and slot.cut is not None):
+                    return False
+                allowed = self._auth.allows(header)
+                if allowed:
+                    self._known[key] = None
+                    while len(self._known) > self._KNOWN_SIZE:
+                        self._known.popitem(last=False)
+                return allowed
+        finally:
+            self._waiting.release()
+
+    def close(self) -> None:
+        """Checks that have not begun are skipped from now on."""
+        self._closed = True
+
+
 def _app(
-    registry: CollectorRegistry, web_config: WebConfig | None, counts: EndpointCounts
+    registry: CollectorRegistry,
+    web_config: WebConfig | None,
+    password_checks: _PasswordChecks | None,
+    counts: EndpointCounts,
 ) -> WsgiApp:
     metrics = make_wsgi_app(registry)
-    auth = (
-        BasicAuth(web_config.basic_auth_users)
-        if web_config and web_config.basic_auth_users
-        else None
-    )
     extra = list(web_config.headers.items()) if web_config else []
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if auth is not None and not auth.allows(environ.get("HTTP_AUTHORIZATION")):
-            counts.add("unauthorized")
-            start_response(
-                "401 Unauthorized",
-                [("Content-Type", "text/plain; charset=utf-8"),
-                 ("WWW-Authenticate", 'Basic realm="ugro", charset="UTF-8"'), *extra],
-            )  # fmt: skip
-            return [b"Unauthorized\n"]
+        if password_checks is not None:
+            allowed = password_checks.allows(
+                environ.get("HTTP_AUTHORIZATION"), environ.get(_SLOT_KEY)
+            )
+            if allowed is None:
+                counts.add("refused_busy")
+                start_response(
+                    "503 Service Unavailable",
+                    [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1"),
+                     *extra],
+                )  # fmt: skip
+                return [b"Too many password checks at once\n"]
+            if not allowed:
+                counts.add("unauthorized")
+                start_response(
+                    "401 Unauthorized",
+                    [("Content-Type", "text/plain; charset=utf-8"),
+                     ("WWW-Authenticate", 'Basic realm="ugro", charset="UTF-8"'), *extra],
+                )  # fmt: skip
+                return [b"Unauthorized\n"]
         counts.add("answered")
 
         def start_with_headers(status: str, headers: list, exc_info: Any = None) -> Any:
