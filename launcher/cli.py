@@ -19,7 +19,7 @@ import psutil
 
 from ugro.common.identifiers import JOB_ID, JOB_ID_EXPECTED
 
-from . import records, slurm_jobs
+from . import records, slurm_jobs, watchers
 from .inventory import THIS_MACHINE, Inventory, InventoryError, Node, load_inventory, same_machine
 from .launch import (
     JobPlan,
@@ -61,6 +61,10 @@ verbs:
 
 Ctrl-C, SIGTERM or SIGHUP during `run` stops what was started and forgets the job.
 
+Each job has a watcher on this machine that records its end and, when it finished, removes its
+Prometheus targets. If that watcher dies (a reboot, the OOM killer, a kill), status, list, logs,
+stacks and run --wait start a new one, which settles a job that ended meanwhile, and say so.
+
 the training command comes after --, as torchrun takes it:
   ugro-launch -i cluster.yml --nodes gpu-a,gpu-b --nproc-per-node 8 -- -m ugro.trainer.train
 
@@ -76,6 +80,8 @@ inventory (YAML; launcher/inventory.example.yml is a complete example):
     ssh_port: 22                   #   unless a node says otherwise
     identity_file: ~/.ssh/id_ed25519
     env: {NCCL_DEBUG: WARN}        # extra environment for torchrun and the ranks
+    web_config: /etc/ugro/web-config.yml  # TLS/basic auth of ranks and exporters (a path on
+                                   #   every node; preflight loads it and wants mode 0600)
   prometheus:
     targets_dir: /srv/ugro/prometheus/targets   # file_sd files: ranks/JOB.json, nodes/NODE.json
     host: head-node                # omit when Prometheus runs on this machine; reached
@@ -244,10 +250,18 @@ def parser() -> argparse.ArgumentParser:
 
 def ssh_options(args: argparse.Namespace, record: records.JobRecord | None = None) -> SshOptions:
     """--known-hosts if given, else the one the job was launched with, else the default."""
-    known_hosts = args.known_hosts
+    known_hosts = getattr(args, "known_hosts", None)  # `list` takes no SSH options
     if known_hosts is None and record is not None and record.known_hosts:
         known_hosts = pathlib.Path(record.known_hosts)
-    return SshOptions(known_hosts or DEFAULT_KNOWN_HOSTS, args.accept_new_host_keys)
+    accept_new = getattr(args, "accept_new_host_keys", False)
+    return SshOptions(known_hosts or DEFAULT_KNOWN_HOSTS, accept_new)
+
+
+def revive_watchers(args: argparse.Namespace, jobs: list[records.JobRecord]) -> None:
+    """Restart the watcher of every job in ``jobs`` that is still going and whose watcher died
+    (see watchers.py); one line on stderr for each."""
+    for revival in watchers.revive(jobs, lambda record: ssh_options(args, record)):
+        print(f"ugro-launch: {revival.message()}", file=sys.stderr, flush=True)
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -363,10 +377,11 @@ def run_job(args: argparse.Namespace, command: list[str]) -> int:
         f"= {plan.world_size} rank(s)",
         flush=True,
     )
-    launch(plan, ssh_options(args), lambda line: print(line, flush=True))
+    record = launch(plan, ssh_options(args), lambda line: print(line, flush=True))
     endpoints = plan.rank_endpoints()
+    scheme = record.metrics_scheme or "http"
     print(f"job {plan.job_id} started on {', '.join(n.name for n in plan.nodes)}")
-    print(f"  rank metrics  http://{endpoints[0].host}:{endpoints[0].port}/metrics (rank 0)"
+    print(f"  rank metrics  {scheme}://{endpoints[0].host}:{endpoints[0].port}/metrics (rank 0)"
           f"{f' … {len(endpoints)} endpoints' if len(endpoints) > 1 else ''}")  # fmt: skip
     if inventory.prometheus.grafana_url:
         print(f"  Grafana       {inventory.prometheus.grafana_url}/d/ugro-training"
@@ -374,7 +389,7 @@ def run_job(args: argparse.Namespace, command: list[str]) -> int:
     print(f"  status        ugro-launch status {plan.job_id}")
     print(f"  logs          ugro-launch logs {plan.job_id} --follow")
     print(f"  stop          ugro-launch stop {plan.job_id}")
-    return wait_for_end(plan.job_id) if args.wait else 0
+    return wait_for_end(args, plan.job_id) if args.wait else 0
 
 
 def submit_to_slurm(args: argparse.Namespace, plan: SlurmPlan) -> int:
@@ -393,12 +408,14 @@ def submit_to_slurm(args: argparse.Namespace, plan: SlurmPlan) -> int:
     print(f"  status        ugro-launch status {plan.job_id}")
     print(f"  logs          ugro-launch logs {plan.job_id} --follow")
     print(f"  stop          ugro-launch stop {plan.job_id}")
-    return wait_for_end(plan.job_id) if args.wait else 0
+    return wait_for_end(args, plan.job_id) if args.wait else 0
 
 
-def wait_for_end(job_id: str) -> int:
-    """--wait: until the job's watcher records its end; 0 if it finished."""
+def wait_for_end(args: argparse.Namespace, job_id: str) -> int:
+    """--wait: until the job's watcher records its end (a new one if it dies); 0 if it
+    finished."""
     while (record := records.load_record(job_id)).state in records.GOING:
+        revive_watchers(args, [record])
         time.sleep(1)
     print(f"job {job_id}: {record.state}")
     return 0 if record.state == records.FINISHED else 1
@@ -411,6 +428,8 @@ def show_status(args: argparse.Namespace, command: list[str]) -> int:
     if args.job_id is None:
         return list_jobs(args, command)
     record = records.load_record(args.job_id)
+    revive_watchers(args, [record])
+    record = records.load_record(args.job_id)  # as the watcher may have changed it
     if record.slurm is not None:
         shown, lines = slurm_jobs.status_lines(record)
         print(f"job {record.job_id}: {shown} (started {_when(record.started_at)})")
@@ -514,6 +533,8 @@ def show_logs(args: argparse.Namespace, command: list[str]) -> int:
     record = records.load_record(args.job_id)
     if args.lines < 0:
         raise UsageError(f"--lines {args.lines}: expected a count >= 0")
+    revive_watchers(args, [record])
+    record = records.load_record(args.job_id)  # a new watcher records a Slurm job's nodes
     if record.slurm is not None:
         path = slurm_jobs.log_file(record, args.node)
         return slurm_jobs.print_log(path, args.lines, args.follow, record.job_id)
@@ -556,6 +577,7 @@ def show_stacks(args: argparse.Namespace, command: list[str]) -> int:
                 "--overlap py-spy dump --pid PID"
             )
         plan = plan_from_record(record)
+        revive_watchers(args, [record])
         inventory, job_nodes, ranks_per_node = plan.inventory, plan.nodes, plan.nproc_per_node
     else:
         inventory = load_inventory(args.inventory)
@@ -636,6 +658,9 @@ def stop_exporters(args: argparse.Namespace, command: list[str]) -> int:
 
 def list_jobs(args: argparse.Namespace, command: list[str]) -> int:
     jobs, unreadable = records.scan_records()
+    if any(job.state in watchers.WATCHED for job in jobs):
+        revive_watchers(args, jobs)
+        jobs, unreadable = records.scan_records()  # as the new watchers may have changed them
     for error in unreadable:
         print(f"ugro-launch: {error}", file=sys.stderr)
     if not jobs:

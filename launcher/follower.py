@@ -10,17 +10,21 @@ otherwise hang in a collective, and leaves the targets in place, so the dead ran
 ``TrainingRanksDown`` until ``ugro-launch stop`` clears them. While the job runs, it also takes
 one stack dump of every rank when Prometheus says the job stalled (see stall_dumps.py).
 A job submitted through Slurm is followed by asking Slurm instead (slurm_jobs.follow).
+One watcher per job: it holds the job's watcher lock while it runs, and one that finds the lock
+held gives way; a watcher that died is restarted by the next ``ugro-launch`` command that reads
+the job (watchers.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
 import time
 
-from . import records, slurm_jobs
+from . import records, slurm_jobs, watchers
 from .inventory import InventoryError
 from .launch import node_statuses, plan_from_record, replace_state, stop_nodes, targets_for
 from .nodes import NodeSet
@@ -100,14 +104,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = SshOptions(args.known_hosts, args.accept_new_host_keys)
+    lock = watchers.WatcherLock(args.job_id)
     try:
-        if records.load_record(args.job_id).slurm is not None:
+        records.load_record(args.job_id)  # the job id checked before it names a file
+        lock.acquire()
+    except records.RecordError as error:
+        log.error("%s", error)
+        return 1
+    except watchers.WatcherRunning as error:
+        log.info("%s; this one ends", error)
+        return 0
+    except OSError as error:
+        log.error("job %s: cannot take the watcher lock: %s", args.job_id, error)
+        return 1
+    try:
+        record = watchers.claim(args.job_id)
+        if record is None:
+            state = records.load_record(args.job_id).state
+            log.info("job %s is %s: nothing to follow", args.job_id, state)
+            return 0
+        log.info("job %s: followed by this watcher (pid %d)", args.job_id, os.getpid())
+        if record.slurm is not None:
             state = slurm_jobs.follow(args.job_id, options, args.poll_seconds)
         else:
             state = follow(args.job_id, options, args.poll_seconds, args.give_up_seconds)
     except (records.RecordError, InventoryError) as error:
         log.error("%s", error)
         return 1
+    finally:
+        lock.release()
     log.info("job %s: %s", args.job_id, state)
     return 0
 

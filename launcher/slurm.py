@@ -5,7 +5,9 @@ Everything ugro needs from Slurm goes through the commands a user has on a login
 (``sacct`` works only where accounting storage is configured, so nothing here depends on it).
 A job's state comes from ``scontrol show job``, which the controller answers for
 ``MinJobAge`` seconds (300 by default) after the job ended; later the record's last state
-stands. The configuration is found as the commands find it (``SLURM_CONF``, else
+stands. ``sacct`` is asked only about a job the controller has forgotten before a watcher saw
+its end (slurm_jobs.accounted_end); where accounting is off it fails and the job is recorded
+lost. The configuration is found as the commands find it (``SLURM_CONF``, else
 ``/etc/slurm/slurm.conf``).
 """
 

@@ -10,7 +10,12 @@ With a ``slurm`` section in the inventory, ``ugro-launch run`` does not reach no
    allocation, then registers the ranks and the nodes' exporters with Prometheus, the ranks
    labelled with ``scheduler_job_id`` so that an alert leads to ``squeue``/``sacct``; when the
    job ends it removes the rank targets if Slurm says COMPLETED and keeps them otherwise, so
-   that the dead ranks raise ``TrainingRanksDown``, exactly as for an SSH job.
+   that the dead ranks raise ``TrainingRanksDown``, exactly as for an SSH job. A watcher that
+   died is restarted by the next ``ugro-launch`` command that reads the job (watchers.py); the
+   new one takes the job wherever it stands: still waiting, running (registered now if it was
+   not yet), ended meanwhile (settled as above; a job that ran and ended unseen was never
+   registered and is not now), or already forgotten by the controller (see
+   :func:`_settle_forgotten`).
 
 ``ugro-launch stop`` is ``scancel`` followed by the removal of the targets once Slurm says the
 job ended. Each node's torchrun output goes to ``LOG_DIR/JOB/node-N.log`` (N: the node's
@@ -73,6 +78,7 @@ class SlurmPlan:
             f"--rdzv-port={self.rdzv_port}",
             f"--metrics-base-port={defaults.metrics_base_port}",
             *([f"--chdir={self.chdir}"] if self.chdir is not None else []),
+            *([f"--web-config={defaults.web_config}"] if defaults.web_config is not None else []),
             *(f"--env={name}={value}" for name, value in defaults.env.items()),
             "--", *self.command,
         ]  # fmt: skip
@@ -198,15 +204,20 @@ def follow(job_id: str, options: SshOptions, poll_seconds: float = 2.0) -> str:
             time.sleep(poll_seconds)
             continue
         if job is None:  # the controller forgot it before this watcher saw its end
-            _settle(record, records.LOST, None, options)
-            return records.LOST
-        if job.nodes and not record.nodes:
-            record = _register(record, job, options)
+            return _settle_forgotten(record, options)
         if job.ended:
+            if job.nodes and not record.nodes:
+                # It ran and ended while no watcher followed it (this one was started after
+                # the watcher before it died): its ranks were never registered, and ranks
+                # registered now would only be scraped dead. Its nodes are recorded all the
+                # same, for `logs --node`.
+                record = _record_allocation(record, job)
             state = records.FINISHED if job.state in slurm.FINISHED_STATES else records.FAILED
             _settle(record, state, job, options)
             log.info("job %s: Slurm says %s (%s)", job_id, job.state, job.reason)
             return state
+        if job.nodes and not record.nodes:
+            record = _register(record, job, options)
         if job.state != record.slurm["state"]:
             record = records.load_record(job_id)
             if record.state in records.GOING:
@@ -232,6 +243,20 @@ def _register(record: records.JobRecord, job: slurm.SlurmJob, options: SshOption
         {SCHEDULER_LABEL: record.slurm["job_id"]},
     )
     log.info("job %s: allocation %s, targets registered", record.job_id, ",".join(job.nodes))
+    return _record_allocation(record, job, addresses)
+
+
+def _record_allocation(
+    record: records.JobRecord, job: slurm.SlurmJob, addresses: dict[str, str] | None = None
+) -> records.JobRecord:
+    """The allocation's nodes and their addresses into the record."""
+    assert record.slurm is not None and record.access is not None
+    if addresses is None:
+        try:
+            addresses = slurm.node_addresses(job.nodes)
+        except slurm.SlurmError as error:  # the nodes are for `logs`; the end matters more
+            log.warning("job %s: its nodes are not recorded: %s", record.job_id, error)
+            return record
     current = records.load_record(record.job_id)
     if current.state not in records.GOING:
         return current  # stopped meanwhile: `stop` removes the targets after scancel
@@ -242,6 +267,61 @@ def _register(record: records.JobRecord, job: slurm.SlurmJob, options: SshOption
     current.state = records.RUNNING
     current.save()
     return current
+
+
+def _settle_forgotten(record: records.JobRecord, options: SshOptions) -> str:
+    """The controller no longer knows the job (it forgets an ended job after ``MinJobAge``):
+    it ended while no watcher asked. Slurm's accounting (sacct), where the cluster keeps it,
+    says how; the job is then settled as any other. Without it the end is unknown: LOST, and
+    the rank targets stay. A job that finished leaves no page behind that way (the recording
+    rules count a rank whose end marker was scraped as ended, not down), while a job that
+    crashed keeps paging TrainingRanksDown until `ugro-launch stop` clears it; removing them
+    would end that page without anyone having looked."""
+    assert record.slurm is not None
+    slurm_id = record.slurm["job_id"]
+    try:
+        job = accounted_end(slurm_id)
+    except slurm.SlurmError as error:
+        log.warning("job %s: %s", record.job_id, error)
+        job = None
+    if job is None:
+        log.warning("job %s: Slurm's controller forgot Slurm job %s and its accounting does "
+                    "not say how it ended: lost; its targets stay until `ugro-launch stop`",
+                    record.job_id, slurm_id)  # fmt: skip
+        _settle(record, records.LOST, None, options)
+        return records.LOST
+    state = records.FINISHED if job.state in slurm.FINISHED_STATES else records.FAILED
+    _settle(record, state, job, options)
+    log.info("job %s: Slurm's accounting says %s", record.job_id, job.state)
+    return state
+
+
+SACCT_FORMAT = "JobID,State,ExitCode"
+
+
+def accounted_end(slurm_id: str) -> slurm.SlurmJob | None:
+    """How the job ended, from Slurm's accounting (``sacct``, where ``AccountingStorageType``
+    keeps it); None if accounting does not know it or it has not ended there either.
+    SlurmError if sacct cannot be asked (no accounting storage: it fails)."""
+    text = slurm.run(
+        "sacct", f"--jobs={slurm_id}", "--allocations", "--noheader", "--parsable2",
+        f"--format={SACCT_FORMAT}",
+    )  # fmt: skip
+    return parse_sacct(slurm_id, text)
+
+
+def parse_sacct(slurm_id: str, text: str) -> slurm.SlurmJob | None:
+    """The allocation's line of ``sacct --parsable2 --format=JobID,State,ExitCode``, e.g.
+    ``123|CANCELLED by 0|0:15``, as a SlurmJob if it has ended."""
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 3 or fields[0] != slurm_id:
+            continue
+        state = fields[1].split()[0] if fields[1].split() else ""
+        if state not in slurm.ENDED_STATES:
+            return None
+        return slurm.SlurmJob(slurm_id, state, "accounting", fields[2], (), None)
+    return None
 
 
 def _settle(

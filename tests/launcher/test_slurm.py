@@ -64,14 +64,16 @@ class SlurmLauncher:
             {"partition": slurm.PARTITION, "nodes": 2, "log_dir": str(self.log_dir)}
         )
 
-    def write_inventory(self, slurm_section: dict, python: str = sys.executable) -> None:
+    def write_inventory(
+        self, slurm_section: dict, python: str = sys.executable, env: dict | None = None
+    ) -> None:
         self.inventory.write_text(
             yaml.safe_dump(
                 {
                     "defaults": {
                         "python": python,
                         "exporter_port": EXPORTER_PORT,
-                        "env": {"OMP_NUM_THREADS": "1"},
+                        "env": {"OMP_NUM_THREADS": "1", **(env or {})},
                     },
                     "prometheus": {"targets_dir": str(self.targets_dir)},
                     "slurm": slurm_section,
@@ -169,7 +171,8 @@ def test_a_job_that_finishes_under_slurm_is_deregistered(tmp_path, slurm_cluster
     try:
         # No Prometheus scrapes these targets: the ranks must not wait for a final scrape.
         launcher.write_inventory(
-            {"partition": slurm_cluster.PARTITION, "nodes": 1, "log_dir": str(launcher.log_dir)}
+            {"partition": slurm_cluster.PARTITION, "nodes": 1, "log_dir": str(launcher.log_dir)},
+            env={"UGRO_FINAL_SCRAPE_TIMEOUT": "0"},
         )
         started = launcher.run("slurm-short", "--wait", command=short, nproc=1)
         assert started.returncode == 0, started.stderr + started.stdout
@@ -287,3 +290,103 @@ def test_a_node_without_the_inventorys_python_fails_the_job_and_its_log_says_why
         assert launcher.slurm_jobs() == []
     finally:
         launcher.kill_watchers()
+
+
+def test_slurm_jobs_whose_watchers_died_are_settled_by_status(tmp_path, slurm_cluster):
+    """Watchers killed with the job running (registered), held in the queue, or before a run
+    nobody saw; and a job Slurm's controller no longer knows. One `status` restarts them all."""
+    launcher = SlurmLauncher(tmp_path, slurm_cluster, tmp_path / "targets")
+    # Each job is held in the queue until the test releases it, so that its watcher can be
+    # killed before it runs; the jobs share the nodes, each on ports of its own.
+    short = [*SMALL_TRAINER[:3], "20", *SMALL_TRAINER[4:], "--start-delay=5"]
+    ranks = launcher.targets_dir / "ranks"
+
+    def submit_held(job_id: str, port: int) -> str:
+        section = {"partition": slurm_cluster.PARTITION, "nodes": 1,
+                   "log_dir": str(launcher.log_dir), "sbatch_args": ["--hold"]}  # fmt: skip
+        launcher.write_inventory(section)
+        inventory = yaml.safe_load(launcher.inventory.read_text())
+        inventory["defaults"]["metrics_base_port"] = port
+        # No Prometheus scrapes these targets: the ranks must not wait for a final scrape.
+        inventory["defaults"]["env"]["UGRO_FINAL_SCRAPE_TIMEOUT"] = "0"
+        launcher.inventory.write_text(yaml.safe_dump(inventory))
+        started = launcher.run(job_id, f"--rdzv-port={port + 100}", command=short, nproc=1)
+        assert started.returncode == 0, started.stderr + started.stdout
+        return launcher.record(job_id)["slurm"]["job_id"]
+
+    def kill_watcher(job_id: str) -> int:
+        pid = launcher.record(job_id)["watcher_pid"]
+        psutil.Process(pid).kill()
+        wait_for(lambda: not _runs(pid), 30, f"watcher {pid} gone")
+        return pid
+
+    def release(slurm_id: str) -> None:
+        released = slurm_cluster.client("scontrol", "release", slurm_id)
+        assert released.returncode == 0, released.stderr
+
+    def ended(*slurm_ids: str) -> bool:
+        return not [job for job in launcher.slurm_jobs() if job.split()[0] in slurm_ids]
+
+    try:
+        running, held, unseen = (
+            submit_held(job_id, port)
+            for job_id, port in (("w-running", 9600), ("w-held", 9610), ("w-unseen", 9620))
+        )
+        dead = {job_id: kill_watcher(job_id) for job_id in ("w-held", "w-unseen")}
+        release(running)
+        release(unseen)
+        wait_for((ranks / "w-running.json").exists, 120, "w-running's ranks registered")
+        dead["w-running"] = kill_watcher("w-running")
+        wait_for(lambda: ended(running, unseen), 180, "w-running and w-unseen ended")
+        # The defect: a finished job's ranks stay registered, and no record shows the ends.
+        assert (ranks / "w-running.json").exists()
+        assert launcher.record("w-running")["state"] == "running"
+        assert launcher.record("w-unseen")["state"] == "pending"
+        # A job the controller has forgotten (it does MinJobAge after the end): its ranks are
+        # registered and nothing says how it ended (this cluster keeps no accounting).
+        forgotten = {**launcher.record("w-running"), "job_id": "w-forgotten", "watcher_pid": None}
+        forgotten["slurm"] = {**forgotten["slurm"], "job_id": "999999"}
+        (launcher.state_dir / "w-forgotten.json").write_text(json.dumps(forgotten))
+        (ranks / "w-forgotten.json").write_text((ranks / "w-running.json").read_text())
+
+        status = launcher("status")  # every job
+        assert status.returncode == 0, status.stdout + status.stderr
+        for job_id, pid in dead.items():
+            assert f"job {job_id}: its watcher (pid {pid}) had died; restarted it" in status.stderr
+        assert "job w-forgotten: it had no watcher; restarted it" in status.stderr
+        # Still held when its watcher was restarted: the new one registers it when it runs.
+        assert launcher.record("w-held")["state"] == "pending"
+        release(held)
+
+        def settled(job_id: str, state: str):
+            return lambda: launcher.record(job_id)["state"] == state
+
+        wait_for(settled("w-running", "finished"), 60, "w-running finished")
+        assert not (ranks / "w-running.json").exists()
+        wait_for(settled("w-unseen", "finished"), 60, "w-unseen finished")
+        record = launcher.record("w-unseen")
+        assert record["slurm"]["state"] == "COMPLETED"
+        assert len(record["nodes"]) == 1  # for `logs --node`, although no watcher saw it run
+        assert not (ranks / "w-unseen.json").exists()  # never registered: nothing to scrape
+        wait_for(settled("w-forgotten", "lost"), 60, "w-forgotten lost")
+        assert (ranks / "w-forgotten.json").exists()  # until `stop`: it may have crashed
+        shown = launcher("status", "w-forgotten")
+        assert "job w-forgotten: lost" in shown.stdout, shown.stdout + shown.stderr
+        assert "Slurm no longer shows it" in shown.stdout
+
+        wait_for((ranks / "w-held.json").exists, 120, "w-held's ranks registered")
+        wait_for(settled("w-held", "finished"), 120, "w-held finished")
+        assert not (ranks / "w-held.json").exists()
+
+        cleared = launcher("stop", "w-forgotten")
+        assert cleared.returncode == 0, cleared.stdout + cleared.stderr
+        assert not (ranks / "w-forgotten.json").exists()
+    finally:
+        launcher.kill_watchers()
+
+
+def _runs(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
