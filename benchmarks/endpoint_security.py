@@ -42,7 +42,7 @@ from exporter_scrape import (
 )
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.support.certs import TlsMaterial, bcrypt_hash
+from tests.support.certs import TlsMaterial
 from ugro.common.ports import free_ports
 
 WARMUP_SCRAPES = 20
@@ -55,14 +55,7 @@ def web_configs(directory: pathlib.Path, tls: TlsMaterial) -> dict[str, pathlib.
     server = {"cert_file": str(tls.server.cert), "key_file": str(tls.server.key)}
     documents = {
         "tls": {"tls_server_config": server},
-        "mtls_auth": {
-            "tls_server_config": {
-                **server,
-                "client_auth_type": "RequireAndVerifyClientCert",
-                "client_ca_file": str(tls.ca.cert_file),
-            },
-            "basic_auth_users": {"prometheus": bcrypt_hash(PASSWORD, cost=BCRYPT_COST)},
-        },
+        "mtls_auth": tls.web_config(PASSWORD, cost=BCRYPT_COST),
     }
     paths: dict[str, pathlib.Path | None] = {"plain": None}
     for name, document in documents.items():

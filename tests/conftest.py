@@ -12,6 +12,14 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from .support import sample_values, scrape
+from .support.certs import TlsMaterial
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> TlsMaterial:
+    """Certificates made for this run (tests/support/certs.py): a CA, a loopback server
+    certificate, client certificates good and bad."""
+    return TlsMaterial.create(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import psutil
 import pytest
 
 from tests.support import sample, sample_values, wait_for
-from tests.support.certs import TlsMaterial
 from tests.support.hostile import (
     FLOOD_CONNECTIONS,
     WRONG_PASSWORDS,
@@ -86,11 +85,6 @@ def hostile_round(target: Target, process: psutil.Process, attack: Attack) -> No
 def assert_flat(attack: Attack, what: str) -> None:
     print(attack.report(what))
     assert attack.rss[-1] - attack.rss[0] < RSS_GROWTH_LIMIT, attack.report(what)
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> TlsMaterial:
-    return TlsMaterial.create(tmp_path_factory.mktemp("tls"))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ naming the file, not a traceback, a hang or gigabytes of memory.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pathlib
@@ -19,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.support.hostile_files import BINARY, billion_laughs
 from ugro.catalogue.thresholds import THRESHOLDS_FILE, ThresholdsError, load_thresholds
 from ugro.common.config_files import MAX_CONFIG_BYTES, MAX_NESTING
 from ugro.launcher.inventory import InventoryError, load_inventory
@@ -35,17 +35,6 @@ LOADERS: dict[str, Callable[[pathlib.Path], object]] = {
     "thresholds": load_thresholds,
 }
 ERRORS = {"inventory": InventoryError, "thresholds": ThresholdsError}
-# A PNG header, then bytes that are not UTF-8.
-BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00\x01"
-
-
-def billion_laughs() -> str:
-    """A flow sequence of ~370 bytes whose last element expands to 9**9 strings."""
-    names = "abcdefghi"
-    parts = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
-    for previous, name in itertools.pairwise(names):
-        parts.append(f"&{name} [{','.join([f'*{previous}'] * 9)}]")
-    return f"[{', '.join(parts)}]"
 
 
 # The bomb where each file's loader would put it into an error message or walk it.

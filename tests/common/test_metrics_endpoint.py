@@ -49,11 +49,6 @@ def nothing_on_stderr(capfd):
     assert capfd.readouterr().err == ""
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> TlsMaterial:
-    return TlsMaterial.create(tmp_path_factory.mktemp("tls"))
-
-
 @pytest.fixture(params=["plain", "tls+auth"])
 def served(request, tls, tmp_path) -> tuple[MetricsEndpoint, Target]:
     registry = CollectorRegistry()

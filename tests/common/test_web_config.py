@@ -9,7 +9,6 @@ refuses too (it refuses more: what Python's ssl module cannot honour, and what i
 from __future__ import annotations
 
 import base64
-import itertools
 import os
 import pathlib
 import shutil
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from tests.support.certs import TlsMaterial, bcrypt_hash
+from tests.support.hostile_files import BINARY, billion_laughs
 from ugro.common.config_files import MAX_CONFIG_BYTES
 from ugro.common.web_config import (
     MAX_BCRYPT_COST,
@@ -35,22 +35,6 @@ SHIPPED_WEB_CONFIGS = [ROOT / "exporter" / "web-config.example.yml"]
 EXAMPLE_PASSWORD = "change-me"
 PASSWORD = "s3cret"
 HASH = bcrypt_hash(PASSWORD)
-# A PNG header, then bytes that are not UTF-8.
-BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00\x01"
-
-
-def billion_laughs() -> str:
-    """A flow sequence of ~370 bytes whose last element expands to 9**9 strings."""
-    names = "abcdefghi"
-    parts = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
-    for previous, name in itertools.pairwise(names):
-        parts.append(f"&{name} [{','.join([f'*{previous}'] * 9)}]")
-    return f"[{', '.join(parts)}]"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> TlsMaterial:
-    return TlsMaterial.create(tmp_path_factory.mktemp("tls"))
 
 
 def server_tls(tls: TlsMaterial, **fields: Any) -> dict:

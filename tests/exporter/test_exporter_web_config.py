@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.support import sample, sample_values, wait_for
-from tests.support.certs import TlsMaterial, bcrypt_hash
+from tests.support.certs import TlsMaterial
 from ugro.common.ports import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -33,22 +33,8 @@ def exporter_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> TlsMaterial:
-    return TlsMaterial.create(tmp_path_factory.mktemp("tls"))
-
-
 def mtls_config(tls: TlsMaterial, **fields: object) -> dict:
-    return {
-        "tls_server_config": {
-            "cert_file": str(tls.server.cert),
-            "key_file": str(tls.server.key),
-            "client_auth_type": "RequireAndVerifyClientCert",
-            "client_ca_file": str(tls.ca.cert_file),
-            **fields,
-        },
-        "basic_auth_users": {"prometheus": bcrypt_hash(PASSWORD)},
-    }
+    return tls.web_config(PASSWORD, **fields)
 
 
 def listening(port: int) -> bool:

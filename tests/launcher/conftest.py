@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 
 from .netns import NamespaceCluster, NetnsError, preflight
@@ -54,3 +55,18 @@ def launcher(tmp_path: pathlib.Path, namespace_cluster):
     launcher = Launcher(tmp_path, cluster, tmp_path / "targets", scraped=False)
     yield launcher
     launcher.kill_watchers()
+
+
+@pytest.fixture
+def exporters() -> Iterator[list[int]]:
+    """Pids of exporters a test started; each is killed at teardown."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            if "ugro.exporter" in process.cmdline():
+                process.kill()
+                process.wait(10)
+        except psutil.Error:
+            pass

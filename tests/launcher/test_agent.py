@@ -146,21 +146,6 @@ def jobs(tmp_path: pathlib.Path) -> Iterator[Jobs]:
     jobs.kill_all()
 
 
-@pytest.fixture
-def exporters() -> Iterator[list[int]]:
-    """Pids of exporters a test started; each is killed at teardown."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            if "ugro.exporter" in process.cmdline():
-                process.kill()
-                process.wait(10)
-        except psutil.Error:
-            pass
-
-
 # --------------------------------------------------------------------------- preflight
 
 

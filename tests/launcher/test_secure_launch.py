@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.support import wait_for
-from tests.support.certs import CertificateAuthority, KeyPair, bcrypt_hash
+from tests.support.certs import CertificateAuthority, KeyPair, bcrypt_hash, secured_web_config
 from ugro.common.ports import free_port
 
 from .test_launch import Launcher, job_processes
@@ -57,15 +57,7 @@ def write_web_config(
     web_config = directory / "web-config.yml"
     web_config.write_text(
         yaml.safe_dump(
-            {
-                "tls_server_config": {
-                    "cert_file": "server.crt",
-                    "key_file": "server.key",
-                    "client_auth_type": "RequireAndVerifyClientCert",
-                    "client_ca_file": "ca.crt",
-                },
-                "basic_auth_users": {USER: password_hash},
-            }
+            secured_web_config("server.crt", "server.key", "ca.crt", {USER: password_hash})
         )
     )
     for file in directory.iterdir():
@@ -291,21 +283,6 @@ def agent_json(*args: str) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-@pytest.fixture
-def exporters() -> Iterator[list[int]]:
-    """Pids of exporters a test started; each is killed at teardown."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            if "ugro.exporter" in process.cmdline():
-                process.kill()
-                process.wait(10)
-        except psutil.Error:
-            pass
 
 
 def basic_auth_only(directory: pathlib.Path) -> pathlib.Path:

@@ -151,6 +151,27 @@ def bcrypt_hash(password: str, cost: int = 4) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
 
 
+def secured_web_config(
+    cert: str | pathlib.Path,
+    key: str | pathlib.Path,
+    client_ca: str | pathlib.Path,
+    users: dict[str, str],
+    **tls_fields: object,
+) -> dict:
+    """A web config document asking for everything: TLS, a client certificate signed by
+    ``client_ca`` and basic auth for ``users`` (name -> bcrypt hash)."""
+    return {
+        "tls_server_config": {
+            "cert_file": str(cert),
+            "key_file": str(key),
+            "client_auth_type": "RequireAndVerifyClientCert",
+            "client_ca_file": str(client_ca),
+            **tls_fields,
+        },
+        "basic_auth_users": users,
+    }
+
+
 @dataclass(frozen=True)
 class TlsMaterial:
     """Everything one secured run needs, under one folder."""
@@ -162,6 +183,16 @@ class TlsMaterial:
     wrong_client: KeyPair
     expired_client: KeyPair
     self_signed_client: KeyPair
+
+    def web_config(
+        self, password: str, user: str = "prometheus", cost: int = 4, **tls_fields: object
+    ) -> dict:
+        """A web config document for the server certificate, asking for a client certificate
+        from ``ca`` and ``user``'s ``password``."""
+        users = {user: bcrypt_hash(password, cost)}
+        return secured_web_config(
+            self.server.cert, self.server.key, self.ca.cert_file, users, **tls_fields
+        )
 
     @classmethod
     def create(cls, directory: pathlib.Path) -> TlsMaterial:

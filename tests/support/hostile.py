@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from tests.support.certs import TlsMaterial, bcrypt_hash
+from tests.support.certs import TlsMaterial
 
 # More than the endpoint's MAX_CONNECTIONS, so a round fills every slot.
 SLOW_CLIENTS = 40
@@ -76,19 +76,7 @@ class Target:
 def write_secured_web_config(tls: TlsMaterial, path: pathlib.Path, password: str) -> pathlib.Path:
     """A web config asking for everything: TLS, a client certificate from ``tls.ca`` and the
     scraper's password."""
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "tls_server_config": {
-                    "cert_file": str(tls.server.cert),
-                    "key_file": str(tls.server.key),
-                    "client_auth_type": "RequireAndVerifyClientCert",
-                    "client_ca_file": str(tls.ca.cert_file),
-                },
-                "basic_auth_users": {SCRAPER: bcrypt_hash(password)},
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump(tls.web_config(password, user=SCRAPER)))
     return path
 
 

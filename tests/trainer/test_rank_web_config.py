@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.support.certs import TlsMaterial, bcrypt_hash
+from tests.support.certs import TlsMaterial
 from ugro.common.ports import free_port
 from ugro.trainer import Telemetry, TelemetryConfigError
 
@@ -22,22 +22,8 @@ PASSWORD = "s3cret"
 IDENTITY = {"job_id": "tls-job", "rank": 0, "local_rank": 0, "world_size": 1, "node": "n1"}
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> TlsMaterial:
-    return TlsMaterial.create(tmp_path_factory.mktemp("tls"))
-
-
 def mtls_config(tls: TlsMaterial, **fields: object) -> dict:
-    return {
-        "tls_server_config": {
-            "cert_file": str(tls.server.cert),
-            "key_file": str(tls.server.key),
-            "client_auth_type": "RequireAndVerifyClientCert",
-            "client_ca_file": str(tls.ca.cert_file),
-            **fields,
-        },
-        "basic_auth_users": {"prometheus": bcrypt_hash(PASSWORD)},
-    }
+    return tls.web_config(PASSWORD, **fields)
 
 
 def bindable(port: int) -> bool:
